@@ -1,0 +1,265 @@
+# SPDX-License-Identifier: BSD-2-Clause
+"""Everything between fork and exec.
+
+Process choreography (see DESIGN.md):
+
+    supervisor ──fork──▶ setup child: unshare(namespaces) ──fork──▶ PID 1
+                          reports PID 1's pid, exits              waits for "go"
+    supervisor: id maps, interfaces, scope + machine, then "go" ─▶ mounts,
+                                                                  pivot_root, exec
+
+Code here runs in forked children of a possibly asyncio-running parent: plain
+syscalls only — no asyncio, no logging, no locks, no imports.  A failure is
+written to the status pipe as one line (`ERR step: path: reason`) and the child
+exits; the supervisor turns it into one line on stderr.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import termios
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import NoReturn
+
+from machinepy import linux
+from machinepy.mounts import O_PATH, MountOp, propagation_ops
+
+# Signals the supervisor handles or Python sets to SIG_IGN: restore the defaults
+# the exec'd program expects (SIGPIPE matters for every shell pipeline).
+_RESET_SIGNALS = (
+    signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM, signal.SIGHUP,
+    signal.SIGCHLD, signal.SIGWINCH, signal.SIGQUIT, signal.SIGTSTP, signal.SIGTTIN,
+    signal.SIGTTOU, signal.SIGUSR1, signal.SIGUSR2,
+)
+
+
+@dataclass(frozen=True)
+class ChildConfig:
+    """All the child needs, computed before fork so the child only makes syscalls."""
+
+    unshare_flags: int
+    argv: Sequence[str]
+    env: dict[str, str]
+    root: str | None  # None: stay on the host root
+    ephemeral: bool = False
+    plan: Sequence[MountOp] = ()
+    hostname: str | None = None
+    chdir: str | None = None
+    uid: int | None = None
+    gid: int | None = None
+    groups: Sequence[int] = ()
+    cgroupns: bool = True  # unshared after "go", once the leader sits in its scope
+    console: int | None = None  # pty slave fd: becomes the controlling tty and 0-2
+    caps_drop: Sequence[int] = ()
+    keep_fds: Sequence[int] = field(default_factory=tuple)
+
+
+class ChildError(Exception):
+    def __init__(self, step: str, err: OSError | str):
+        if isinstance(err, OSError):
+            where = f"{err.filename}: " if err.filename else ""
+            text = err.strerror or str(err)
+            # strerror may already start with "what:"; keep one line.
+            msg = f"{step}: {where}{text}"
+        else:
+            msg = f"{step}: {err}"
+        super().__init__(msg.replace("\n", " "))
+
+
+def _report(fd: int, msg: str) -> None:
+    try:
+        os.write(fd, b"ERR " + msg.encode(errors="replace") + b"\n")
+    except OSError:
+        pass
+
+
+def setup_child(cfg: ChildConfig, status_w: int, go_r: int) -> NoReturn:
+    """Runs in the setup child: unshare, fork PID 1, report its pid, exit."""
+    try:
+        try:
+            linux.unshare(cfg.unshare_flags)
+        except OSError as e:
+            raise ChildError("unshare", e) from None
+        pid = os.fork()
+        if pid == 0:
+            container_init(cfg, status_w, go_r)
+        os.write(status_w, f"PID {pid}\n".encode())
+        os._exit(0)
+    except ChildError as e:
+        _report(status_w, str(e))
+    except BaseException as e:  # never let a traceback escape a forked child
+        _report(status_w, f"setup: {e!r}")
+    os._exit(1)
+
+
+def _read_go(go_r: int) -> bytes:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = os.read(go_r, 4096)
+        if not chunk:  # supervisor gone: never run unsupervised
+            os._exit(1)
+        data += chunk
+    return data[:-1]
+
+
+def container_init(cfg: ChildConfig, status_w: int, go_r: int) -> NoReturn:
+    """Runs as the container's PID 1 until exec."""
+    try:
+        for sig in _RESET_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        signal.set_wakeup_fd(-1)
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())
+        go = _read_go(go_r).split(b" ", 1)
+        os.close(go_r)
+        if go[0] != b"go":
+            os._exit(1)
+        plan = list(cfg.plan)
+        if len(go) == 2 and cfg.root is not None:
+            # machinectl bind: machined mounts into the host's propagation
+            # directory; the container receives it at /run/host/incoming.
+            plan += propagation_ops(os.fsdecode(go[1]))
+        _close_fds(keep=(status_w, *((cfg.console,) if cfg.console is not None else ()),
+                         *cfg.keep_fds))
+        if cfg.cgroupns:
+            _step("unshare cgroup namespace", linux.unshare, linux.CLONE_NEWCGROUP)
+        if cfg.hostname is not None:
+            _step("sethostname", linux.sethostname, cfg.hostname)
+        if cfg.unshare_flags & linux.CLONE_NEWNS:
+            _step("make mounts private", linux.mount, None, "/", None,
+                  linux.MS_REC | linux.MS_SLAVE)
+        if cfg.root is not None:
+            _enter_root(cfg, plan)
+        else:
+            _apply_plan(plan, "/")
+        if cfg.console is not None:
+            _take_console(cfg.console)
+        _drop_caps(cfg.caps_drop)
+        _become_user(cfg)
+        _chdir(cfg)
+        _exec(cfg)
+    except ChildError as e:
+        _report(status_w, str(e))
+    except BaseException as e:
+        _report(status_w, f"container setup: {e!r}")
+    os._exit(127)
+
+
+def _step(what: str, fn: object, *args: object) -> None:
+    try:
+        fn(*args)  # type: ignore[operator]
+    except OSError as e:
+        raise ChildError(what, e) from None
+
+
+def _close_fds(keep: Sequence[int]) -> None:
+    last = 2
+    for fd in sorted(k for k in keep if k > 2):
+        os.closerange(last + 1, fd)
+        last = fd
+    os.closerange(last + 1, 1 << 20)
+
+
+def _apply_plan(plan: Sequence[MountOp], root: str) -> None:
+    root_fd = os.open(root, O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for op in plan:
+            try:
+                op.apply(root_fd)
+            except OSError as e:
+                raise ChildError(type(op).__name__.lower(), e) from None
+    finally:
+        os.close(root_fd)
+
+
+def _enter_root(cfg: ChildConfig, plan: Sequence[MountOp]) -> None:
+    assert cfg.root is not None
+    root = cfg.root
+    if cfg.ephemeral:
+        root = _ephemeral_root(root)
+    else:
+        # pivot_root needs a mount point; also keeps the host's root untouched.
+        _step("bind root", linux.mount, root, root, None, linux.MS_BIND | linux.MS_REC)
+    _apply_plan(plan, root)
+    try:
+        os.chdir(root)
+        linux.pivot_root(".", ".")
+        # The old root now sits on top of the new one: detach it.
+        linux.umount2(".", linux.MNT_DETACH)
+        os.chdir("/")
+    except OSError as e:
+        raise ChildError("pivot_root", e) from None
+
+
+def _ephemeral_root(root: str) -> str:
+    """Overlay of ROOT on a tmpfs that lives only in this mount namespace.
+
+    The tmpfs is mounted over ROOT itself (reachable beforehand through an fd),
+    so no directory is ever created on the host and a SIGKILL leaves nothing.
+    """
+    lower = os.open(root, O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    _step("mount ephemeral tmpfs", linux.mount, "tmpfs", root, "tmpfs", linux.MS_NOSUID,
+          "mode=755")
+    for d in ("upper", "work", "merged"):
+        os.mkdir(f"{root}/{d}", 0o755)
+    data = f"lowerdir=/proc/self/fd/{lower},upperdir={root}/upper,workdir={root}/work"
+    _step("mount ephemeral overlay", linux.mount, "overlay", f"{root}/merged", "overlay", 0, data)
+    os.close(lower)
+    # The tmpfs's root mode becomes the container's / mode via upper.
+    os.chmod(f"{root}/upper", os.stat(f"{root}/merged").st_mode & 0o7777)
+    return f"{root}/merged"
+
+
+def _take_console(fd: int) -> None:
+    os.setsid()
+    try:
+        fcntl.ioctl(fd, termios.TIOCSCTTY, 0)
+    except OSError as e:
+        raise ChildError("console", e) from None
+    for target in (0, 1, 2):
+        os.dup2(fd, target)
+    if fd > 2:
+        os.close(fd)
+
+
+def _drop_caps(caps: Sequence[int]) -> None:
+    for cap in caps:
+        try:
+            linux.prctl(linux.PR_CAPBSET_DROP, cap)
+        except OSError as e:
+            if e.errno != 22:  # EINVAL: the kernel does not know this capability
+                raise ChildError(f"drop capability {cap}", e) from None
+
+
+def _become_user(cfg: ChildConfig) -> None:
+    if cfg.uid is None:
+        return
+    assert cfg.gid is not None
+    # Order matters: groups and gid while still privileged, uid last.
+    try:
+        os.setgroups(list(cfg.groups))
+        os.setresgid(cfg.gid, cfg.gid, cfg.gid)
+        os.setresuid(cfg.uid, cfg.uid, cfg.uid)
+    except OSError as e:
+        raise ChildError(f"switch to uid {cfg.uid}", e) from None
+
+
+def _chdir(cfg: ChildConfig) -> None:
+    target = cfg.chdir or (cfg.env.get("HOME") if cfg.root is not None else None)
+    if target is None:
+        return
+    try:
+        os.chdir(target)
+    except OSError as e:
+        if cfg.chdir is not None:
+            raise ChildError("chdir", e) from None
+        os.chdir("/")
+
+
+def _exec(cfg: ChildConfig) -> NoReturn:
+    try:
+        os.execvpe(cfg.argv[0], list(cfg.argv), cfg.env)
+    except OSError as e:
+        raise ChildError(f"exec {cfg.argv[0]}", e.strerror or str(e)) from None

@@ -1,0 +1,210 @@
+# SPDX-License-Identifier: BSD-2-Clause
+"""Command line: argv → validated ContainerSpec → supervisor.
+
+Heavy modules (asyncio, dbus-fast, pyroute2) are imported only on the paths
+that need them, so `machinepy run` starts about as fast as Python itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from machinepy.spec import (
+    NAMESPACES,
+    ContainerSpec,
+    SpecError,
+    parse_mount,
+    parse_netif,
+    parse_netif_address,
+    parse_netif_route,
+    parse_setenv,
+    parse_user_map,
+    validate,
+)
+
+INIT_CANDIDATES = ("/usr/lib/systemd/systemd", "/lib/systemd/systemd", "/sbin/init")
+
+
+class UsageError(Exception):
+    pass
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line naming the problem, exit 2 (not argparse's usage dump).
+        raise UsageError(message)
+
+
+def _bool(value: str) -> bool:
+    low = value.lower()
+    if low in ("yes", "true", "1", "on"):
+        return True
+    if low in ("no", "false", "0", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected yes or no, got '{value}'")
+
+
+def _container_options(p: argparse.ArgumentParser, *, boot: bool) -> None:
+    if not boot:
+        p.add_argument("-r", "--chroot", metavar="DIR", help="root directory of the container")
+        p.add_argument("-c", "--chdir", metavar="DIR", help="working directory inside")
+        p.add_argument("-u", "--user", metavar="USER", help="run the command as USER inside")
+        p.add_argument("-k", "--keepenv", action="store_true",
+                       help="keep the environment (with --chroot)")
+    p.add_argument("-t", "--hostname", metavar="NAME", help="hostname inside the container")
+    p.add_argument("-m", "--mount", action="append", default=[], metavar="SPEC",
+                   help="bind:HOST:CT, bind-ro:HOST:CT, tmp:CT or overlay:UPPER:CT:WORK")
+    p.add_argument("-s", "--setenv", action="append", default=[], metavar="NAME=VALUE[,...]",
+                   help="set environment variables inside")
+    p.add_argument("-w", "--ephemeral", action="store_true",
+                   help="run on a throw-away overlay of the root; changes vanish at exit")
+    p.add_argument("-d", "--detach", action="store_true", help="run in the background")
+    p.add_argument("-n", "--netif", action="append", nargs="?", const="", default=[],
+                   metavar="SPEC", help="own network namespace; optionally add an interface: "
+                   "DEV:NAME, macvlan:MASTER:NAME, ipvlan:MASTER:NAME, veth:OUT:IN, "
+                   "bridge:BRIDGE:IN")
+    p.add_argument("--netif-address", action="append", default=[], metavar="NAME=ADDR/PREFIX")
+    p.add_argument("--netif-route", action="append", default=[], metavar="NAME=DEST[,via=GW]")
+    p.add_argument("-e", "--user-map", action="append", default=[],
+                   metavar="CT_ID:HOST_ID:COUNT", help="user namespace id map")
+    p.add_argument("-b", "--caps", action="append", default=[], metavar="[+-]CAP,...",
+                   help="adjust the capability bounding set")
+    p.add_argument("-g", "--cgroup", action="append", default=[], metavar="CONTROLLER",
+                   help="enable accounting for CONTROLLER on the machine's scope")
+    p.add_argument("--property", "-p", action="append", default=[], metavar="NAME=VALUE",
+                   help="set a property on the machine's scope unit")
+    p.add_argument("--machine", metavar="NAME", help="machine name (default pflask-<pid>)")
+    p.add_argument("--register", type=_bool, default=True, metavar="yes|no",
+                   help="register with systemd-machined (default yes)")
+    p.add_argument("--notify-ready", action="store_true",
+                   help="forward the container's READY=1 to our NOTIFY_SOCKET")
+    for short, ns in (("U", "user"), ("M", "mount"), ("N", "net"), ("I", "ipc"), ("H", "uts"),
+                      ("P", "pid")):
+        long = "mountns" if ns == "mount" else f"{ns}ns"
+        p.add_argument(f"-{short}", f"--no-{long}", dest=f"no_{ns}", action="store_true",
+                       help=f"do not create a {ns} namespace")
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="machinepy", description="Linux containers, registered with machined.")
+    sub = parser.add_subparsers(dest="verb", metavar="COMMAND", parser_class=Parser)
+    run = sub.add_parser("run", help="run a command in a container (pflask-compatible)")
+    _container_options(run, boot=False)
+    run.add_argument("-a", "--attach", metavar="NAME|PID", help="attach to a detached container")
+    run.add_argument("command", nargs=argparse.REMAINDER)
+    boot = sub.add_parser("boot", help="boot an OS tree")
+    boot.add_argument("root", metavar="ROOTFS")
+    _container_options(boot, boot=True)
+    boot.add_argument("init_args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def _namespaces(args: argparse.Namespace) -> frozenset[str]:
+    ns = {"mount", "pid", "ipc", "uts", "cgroup"}
+    if args.netif:
+        ns.add("net")
+    if args.user_map:
+        ns.add("user")
+    return frozenset(n for n in ns if not getattr(args, f"no_{n}", False) and n in NAMESPACES)
+
+
+def find_init(root: str) -> str:
+    for init in INIT_CANDIDATES:
+        path = os.path.join(root, init.lstrip("/"))
+        if os.path.lexists(path):
+            return init
+    raise SpecError(f"no init found in '{root}' (looked for {', '.join(INIT_CANDIDATES)})")
+
+
+def spec_from_args(args: argparse.Namespace) -> ContainerSpec:
+    props = []
+    if args.cgroup or args.property:
+        from machinepy.unitprops import PropertyError, accounting_property, parse_property
+
+        try:
+            props += [accounting_property(c) for c in args.cgroup]
+            props += [parse_property(p) for p in args.property]
+        except PropertyError as e:
+            raise SpecError(str(e)) from None
+    setenv = tuple(kv for item in args.setenv for kv in parse_setenv(item))
+    command = tuple(args.init_args if args.verb == "boot" else args.command)
+    if command[:1] == ("--",):
+        command = command[1:]
+    root = os.path.abspath(args.root) if args.verb == "boot" else args.chroot
+    if args.verb == "boot" and os.path.isdir(root):
+        command = (find_init(root), *command)
+    if args.caps:
+        from machinepy.caps import parse_caps
+
+        caps = parse_caps(args.caps)
+    else:
+        caps = ()
+    return ContainerSpec(
+        command=command,
+        root=root,
+        chdir=getattr(args, "chdir", None),
+        hostname=args.hostname,
+        mounts=tuple(parse_mount(m) for m in args.mount),
+        user=getattr(args, "user", None),
+        setenv=setenv,
+        keepenv=getattr(args, "keepenv", False),
+        ephemeral=args.ephemeral,
+        detach=args.detach,
+        boot=args.verb == "boot",
+        namespaces=_namespaces(args),  # type: ignore[arg-type]
+        netifs=tuple(parse_netif(n) for n in args.netif if n),
+        addresses=tuple(parse_netif_address(a) for a in args.netif_address),
+        routes=tuple(parse_netif_route(r) for r in args.netif_route),
+        user_maps=tuple(parse_user_map(m) for m in args.user_map),
+        caps=caps,
+        machine=args.machine,
+        register=args.register,
+        properties=tuple(props),
+        notify_ready=args.notify_ready,
+    )
+
+
+def _run(spec: ContainerSpec) -> int:
+    import asyncio
+
+    from machinepy.supervisor import Supervisor
+
+    async def main() -> int:
+        return await Supervisor(spec).run()
+
+    return asyncio.run(main())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        if argv and argv[0] not in ("run", "boot", "-h", "--help") and not argv[0].startswith(
+            "--version"
+        ):
+            # pflask compatibility: `machinepy [options] [--] [command]` means run.
+            argv = ["run", *argv]
+        args = parser.parse_args(argv)
+        if args.verb is None:
+            raise UsageError("no command given (try 'machinepy run --help')")
+        if args.verb == "run" and args.attach:
+            raise UsageError("--attach needs the machinepy daemon (not yet available)")
+        if args.detach:
+            raise UsageError("--detach needs the machinepy daemon (not yet available)")
+        spec = validate(spec_from_args(args))
+    except (UsageError, SpecError) as e:
+        print(f"machinepy: {e}", file=sys.stderr)
+        return 2
+    if os.geteuid() != 0 and "user" not in spec.namespaces:
+        print("machinepy: must be run as root (or with --user-map for a user namespace)",
+              file=sys.stderr)
+        return 2
+    return _run(spec)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+# SPDX-License-Identifier: BSD-2-Clause
+"""The container's console: a pty whose master the supervisor relays.
+
+Used only when stdin and stdout are terminals; otherwise the container simply
+inherits fds 0-2 (pipes, files, CI) and nothing is relayed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import os
+import struct
+import termios
+import time
+import tty
+from collections.abc import Callable
+
+ESCAPE = 0x1D  # ^]
+ESCAPE_COUNT = 3
+ESCAPE_WINDOW = 1.0  # seconds, as systemd-nspawn
+
+
+def interactive() -> bool:
+    return os.isatty(0) and os.isatty(1)
+
+
+def copy_winsize(src: int, dst: int) -> None:
+    try:
+        size = fcntl.ioctl(src, termios.TIOCGWINSZ, struct.pack("HHHH", 0, 0, 0, 0))
+        fcntl.ioctl(dst, termios.TIOCSWINSZ, size)
+    except OSError:
+        pass
+
+
+class Pty:
+    """A pty pair; the slave goes to the container, the master stays here."""
+
+    def __init__(self) -> None:
+        self.master, self.slave = os.openpty()
+        os.set_inheritable(self.slave, False)
+        self.slave_path = os.ttyname(self.slave)
+
+    def close_slave(self) -> None:
+        if self.slave >= 0:
+            os.close(self.slave)
+            self.slave = -1
+
+    def close(self) -> None:
+        self.close_slave()
+        if self.master >= 0:
+            os.close(self.master)
+            self.master = -1
+
+
+class _Pipe:
+    """Non-blocking one-way copy with a bounded buffer."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, src: int, dst: int,
+                 filter: Callable[[bytes], bytes] | None = None,
+                 on_eio: Callable[[], None] | None = None) -> None:
+        self.loop, self.src, self.dst = loop, src, dst
+        self.filter, self.on_eio = filter, on_eio
+        self.buf = bytearray()
+        self.reading = False
+        self.closed = False
+
+    def start(self) -> None:
+        if not self.reading and not self.closed:
+            self.loop.add_reader(self.src, self._readable)
+            self.reading = True
+
+    def _pause(self) -> None:
+        if self.reading:
+            self.loop.remove_reader(self.src)
+            self.reading = False
+
+    def _readable(self) -> None:
+        try:
+            data = os.read(self.src, 65536)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            self._pause()
+            if e.errno == errno.EIO and self.on_eio is not None:
+                self.on_eio()  # hang-up of the slave (vhangup): not necessarily the end
+            else:
+                self.closed = True
+            return
+        if not data:
+            self._pause()
+            self.closed = True
+            return
+        if self.filter is not None:
+            data = self.filter(data)
+        self.buf += data
+        self._flush()
+
+    def _flush(self) -> None:
+        while self.buf:
+            try:
+                n = os.write(self.dst, self.buf)
+            except BlockingIOError:
+                break
+            except OSError:
+                self.buf.clear()
+                break
+            del self.buf[:n]
+        if self.buf:
+            self._pause()
+            self.loop.add_writer(self.dst, self._writable)
+        else:
+            self.start()
+
+    def _writable(self) -> None:
+        self.loop.remove_writer(self.dst)
+        self._flush()
+
+    def drain(self) -> None:
+        """Copy whatever is readable now, synchronously (at container exit)."""
+        self._pause()
+        if self.closed:
+            return
+        while True:
+            try:
+                data = os.read(self.src, 65536)
+            except OSError:
+                break
+            if not data:
+                break
+            self.buf += data
+            try:
+                while self.buf:
+                    n = os.write(self.dst, self.buf)
+                    del self.buf[:n]
+            except BlockingIOError:
+                os.set_blocking(self.dst, True)
+            except OSError:
+                break
+
+    def stop(self) -> None:
+        self._pause()
+        try:
+            self.loop.remove_writer(self.dst)
+        except (ValueError, OSError):
+            pass
+
+
+class Relay:
+    """Raw-mode relay between the user's terminal (0/1) and a pty master."""
+
+    def __init__(self, master: int, on_escape: Callable[[], None]) -> None:
+        self.master = master
+        self.on_escape = on_escape
+        self.presses: list[float] = []
+        self.saved: list[object] | None = None
+        self.loop = asyncio.get_running_loop()
+        self.inp = _Pipe(self.loop, 0, master, filter=self._watch_escape)
+        self.out = _Pipe(self.loop, master, 1, on_eio=self._hangup)
+        self._blocking = {fd: os.get_blocking(fd) for fd in (0, 1)}
+
+    def start(self) -> None:
+        self.saved = termios.tcgetattr(0)
+        tty.setraw(0)
+        for fd in (0, 1, self.master):
+            os.set_blocking(fd, False)
+        copy_winsize(1, self.master)
+        self.inp.start()
+        self.out.start()
+
+    def resize(self) -> None:
+        copy_winsize(1, self.master)
+
+    def _watch_escape(self, data: bytes) -> bytes:
+        now = time.monotonic()
+        for byte in data:
+            if byte == ESCAPE:
+                self.presses = [t for t in self.presses if now - t < ESCAPE_WINDOW] + [now]
+                if len(self.presses) >= ESCAPE_COUNT:
+                    self.presses.clear()
+                    self.loop.call_soon(self.on_escape)
+            else:
+                self.presses.clear()
+        return data
+
+    def _hangup(self) -> None:
+        # systemd re-opens /dev/console and calls vhangup() while booting; the
+        # master reads EIO until the slave is opened again.  Retry, don't quit.
+        self.loop.call_later(0.1, self.out.start)
+
+    def stop(self) -> None:
+        self.inp.stop()
+        self.out.drain()
+        self.out.stop()
+        for fd, blocking in self._blocking.items():
+            os.set_blocking(fd, blocking)
+        if self.saved is not None:
+            termios.tcsetattr(0, termios.TCSADRAIN, self.saved)  # type: ignore[arg-type]
+            self.saved = None

@@ -1,0 +1,300 @@
+# SPDX-License-Identifier: BSD-2-Clause
+"""Mount plans: built from the spec in the parent, applied in the child.
+
+A plan is a list of small frozen operations on *container* paths.  Applying
+one resolves its destination inside the new root with openat2(RESOLVE_IN_ROOT),
+so a symlink in the rootfs can never lead a mount out of it, and creates
+missing directories (or an empty file for a file bind) on the way.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import stat
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from machinepy import linux
+from machinepy.linux import (
+    MS_BIND,
+    MS_NODEV,
+    MS_NOEXEC,
+    MS_NOSUID,
+    MS_RDONLY,
+    MS_REC,
+    MS_REMOUNT,
+    MS_SLAVE,
+    MS_STRICTATIME,
+)
+from machinepy.spec import ContainerSpec, MountSpec
+
+Create = Literal["dir", "file"] | None
+
+O_PATH = getattr(os, "O_PATH", 0o10000000)
+_RESOLVE = linux.RESOLVE_IN_ROOT | linux.RESOLVE_NO_MAGICLINKS
+
+
+# ---------------------------------------------------------------------------
+# Resolution inside the root
+
+
+def _fd_path(fd: int) -> str:
+    return f"/proc/self/fd/{fd}"
+
+
+def open_in_root(root_fd: int, path: str, create: Create = None, depth: int = 0) -> int:
+    """An O_PATH fd for container PATH below ROOT_FD, created if asked (mkdir -p)."""
+    rel = path.lstrip("/") or "."
+    try:
+        return linux.openat2(root_fd, rel, O_PATH, _RESOLVE)
+    except FileNotFoundError as e:
+        e.filename = "/" + rel
+        if create is None or rel == "." or depth > 40:
+            raise
+    parent, name = posixpath.split(rel)
+    pfd = open_in_root(root_fd, parent, "dir", depth + 1)
+    try:
+        try:
+            if create == "dir":
+                os.mkdir(name, 0o755, dir_fd=pfd)
+            else:
+                os.close(os.open(name, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW, 0o644, dir_fd=pfd))
+        except FileExistsError:
+            # A dangling symlink: create what it points to, resolved inside the root.
+            st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+            if not stat.S_ISLNK(st.st_mode):
+                raise
+            target = os.readlink(name, dir_fd=pfd)
+            if not target.startswith("/"):
+                base = os.readlink(_fd_path(pfd))
+                root = os.readlink(_fd_path(root_fd))
+                inside = "/" + posixpath.relpath(base, root) if base != root else "/"
+                target = posixpath.join(inside, target)
+            fd = open_in_root(root_fd, posixpath.normpath(target), create, depth + 1)
+            os.close(fd)
+    finally:
+        os.close(pfd)
+    return linux.openat2(root_fd, rel, O_PATH, _RESOLVE)
+
+
+# ---------------------------------------------------------------------------
+# Operations
+
+
+class MountOp(Protocol):
+    def apply(self, root_fd: int) -> None: ...
+
+
+def _mount_at(root_fd: int, target: str, create: Create, source: str | None, fstype: str | None,
+              flags: int, data: str | None) -> None:
+    fd = open_in_root(root_fd, target, create)
+    try:
+        linux.mount(source, _fd_path(fd), fstype, flags, data)
+    except OSError as e:
+        raise OSError(e.errno, f"mount {fstype or 'bind'}: {os.strerror(e.errno)}", target) from None
+    finally:
+        os.close(fd)
+
+
+def _remount_ro(root_fd: int, target: str) -> None:
+    # Reopen: the new mount now sits on top of the path.
+    fd = open_in_root(root_fd, target)
+    try:
+        path = _fd_path(fd)
+        flags = linux.mount_flags_of(path)
+        linux.mount(None, path, None, MS_BIND | MS_REMOUNT | MS_RDONLY | flags)
+    except OSError as e:
+        raise OSError(e.errno, f"remount read-only: {os.strerror(e.errno)}", target) from None
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class FsMount:
+    """Mount a fresh filesystem instance (tmpfs, proc, sysfs, devpts, …)."""
+
+    fstype: str
+    target: str
+    flags: int = 0
+    data: str | None = None
+    source: str | None = None
+
+    def apply(self, root_fd: int) -> None:
+        _mount_at(root_fd, self.target, "dir", self.source or self.fstype, self.fstype,
+                  self.flags, self.data)
+
+
+@dataclass(frozen=True)
+class BindMount:
+    """Bind a host path (resolved on the host) to a container path."""
+
+    source: str
+    target: str
+    read_only: bool = False
+    recursive: bool = True
+    optional: bool = False  # skip silently when the source is missing
+
+    def apply(self, root_fd: int) -> None:
+        try:
+            is_dir = os.path.isdir(self.source)
+            if not is_dir and not os.path.exists(self.source):
+                raise FileNotFoundError(2, "bind source missing", self.source)
+        except FileNotFoundError:
+            if self.optional:
+                return
+            raise
+        flags = MS_BIND | (MS_REC if self.recursive else 0)
+        _mount_at(root_fd, self.target, "dir" if is_dir else "file", self.source, None, flags, None)
+        if self.read_only:
+            _remount_ro(root_fd, self.target)
+
+
+@dataclass(frozen=True)
+class ReadOnly:
+    """Make an existing container path read-only by binding it onto itself."""
+
+    target: str
+    optional: bool = False  # skip when the path does not exist
+
+    def apply(self, root_fd: int) -> None:
+        try:
+            fd = open_in_root(root_fd, self.target)
+        except FileNotFoundError:
+            if self.optional:
+                return
+            raise
+        try:
+            linux.mount(_fd_path(fd), _fd_path(fd), None, MS_BIND | MS_REC)
+        finally:
+            os.close(fd)
+        _remount_ro(root_fd, self.target)
+
+
+@dataclass(frozen=True)
+class Slave:
+    """Receive the host's mount events below TARGET (machinectl bind)."""
+
+    target: str
+
+    def apply(self, root_fd: int) -> None:
+        fd = open_in_root(root_fd, self.target)
+        try:
+            linux.mount(None, _fd_path(fd), None, MS_SLAVE)
+        finally:
+            os.close(fd)
+
+
+@dataclass(frozen=True)
+class Symlink:
+    target: str  # what the link points to
+    link: str  # container path of the link
+
+    def apply(self, root_fd: int) -> None:
+        parent, name = posixpath.split(self.link)
+        pfd = open_in_root(root_fd, parent, "dir")
+        try:
+            os.symlink(self.target, name, dir_fd=pfd)
+        except FileExistsError:
+            pass
+        finally:
+            os.close(pfd)
+
+
+@dataclass(frozen=True)
+class Overlay:
+    """pflask's overlay: UPPER stacked on the container's DEST (lower), WORK beside UPPER."""
+
+    upper: str
+    target: str
+    work: str
+
+    def apply(self, root_fd: int) -> None:
+        fd = open_in_root(root_fd, self.target, "dir")
+        try:
+            lower = _fd_path(fd)
+            data = f"lowerdir={lower},upperdir={self.upper},workdir={self.work}"
+            linux.mount("overlay", lower, "overlay", 0, data)
+        except OSError as e:
+            raise OSError(e.errno, f"mount overlay: {os.strerror(e.errno)}", self.target) from None
+        finally:
+            os.close(fd)
+
+
+# ---------------------------------------------------------------------------
+# Plans
+
+DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+NOSUID_NODEV = MS_NOSUID | MS_NODEV
+NOSUID_NODEV_NOEXEC = MS_NOSUID | MS_NODEV | MS_NOEXEC
+
+
+def user_mount_ops(mounts: Sequence[MountSpec]) -> list[MountOp]:
+    ops: list[MountOp] = []
+    for m in mounts:
+        if m.kind in ("bind", "bind-ro"):
+            assert m.source is not None
+            ops.append(BindMount(m.source, m.dest, read_only=m.read_only))
+        elif m.kind == "tmp":
+            ops.append(FsMount("tmpfs", m.dest, NOSUID_NODEV, "mode=1777"))
+        else:
+            assert m.source is not None and m.work is not None
+            ops.append(Overlay(m.source, m.dest, m.work))
+    return ops
+
+
+def api_mount_ops(spec: ContainerSpec, console: str | None = None) -> list[MountOp]:
+    """proc, sys, dev, run, tmp and cgroup2 for a container with its own root."""
+    userns = "user" in spec.namespaces
+    ops: list[MountOp] = [
+        FsMount("proc", "/proc", NOSUID_NODEV_NOEXEC),
+        ReadOnly("/proc/sys"),
+        ReadOnly("/proc/sysrq-trigger", optional=True),
+        FsMount("sysfs", "/sys", NOSUID_NODEV_NOEXEC | MS_RDONLY),
+        FsMount("tmpfs", "/dev", MS_NOSUID | MS_STRICTATIME, "mode=755,size=4m"),
+    ]
+    ops += [BindMount(f"/dev/{d}", f"/dev/{d}", recursive=False) for d in DEVICES]
+    ops += [
+        FsMount("devpts", "/dev/pts", MS_NOSUID | MS_NOEXEC,
+                "newinstance,ptmxmode=0666,mode=620" + ("" if userns else ",gid=5")),
+        Symlink("pts/ptmx", "/dev/ptmx"),
+        Symlink("/proc/self/fd", "/dev/fd"),
+        Symlink("/proc/self/fd/0", "/dev/stdin"),
+        Symlink("/proc/self/fd/1", "/dev/stdout"),
+        Symlink("/proc/self/fd/2", "/dev/stderr"),
+        FsMount("tmpfs", "/dev/shm", NOSUID_NODEV, "mode=1777"),
+    ]
+    if "ipc" in spec.namespaces:
+        ops.append(FsMount("mqueue", "/dev/mqueue", NOSUID_NODEV_NOEXEC))
+    if console is not None:
+        ops.append(BindMount(console, "/dev/console", recursive=False))
+    ops += [
+        FsMount("tmpfs", "/run", NOSUID_NODEV, "mode=755"),
+        FsMount("tmpfs", "/tmp", NOSUID_NODEV, "mode=1777"),
+    ]
+    if "cgroup" in spec.namespaces:
+        ops.append(FsMount("cgroup2", "/sys/fs/cgroup", NOSUID_NODEV_NOEXEC))
+    return ops
+
+
+def propagation_ops(host_dir: str) -> list[MountOp]:
+    return [BindMount(host_dir, "/run/host/incoming", recursive=False),
+            Slave("/run/host/incoming")]
+
+
+def host_root_ops(spec: ContainerSpec) -> list[MountOp]:
+    """Without --chroot: the host's tree, with a /proc for the new pid namespace."""
+    ops = user_mount_ops(spec.mounts)
+    if "pid" in spec.namespaces:
+        ops += [FsMount("proc", "/proc", NOSUID_NODEV_NOEXEC), ReadOnly("/proc/sys")]
+    if "net" in spec.namespaces:
+        # /sys/class/net must show the container's interfaces, not the host's.
+        ops.append(FsMount("sysfs", "/sys", NOSUID_NODEV_NOEXEC | MS_RDONLY))
+    return ops
+
+
+def build_plan(spec: ContainerSpec, console: str | None = None) -> list[MountOp]:
+    if spec.root is None:
+        return host_root_ops(spec)
+    return api_mount_ops(spec, console) + user_mount_ops(spec.mounts)

@@ -1,0 +1,160 @@
+# SPDX-License-Identifier: BSD-2-Clause
+"""From a validated spec to a waiting container PID 1 (host side of the fork)."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from machinepy import linux, mounts
+from machinepy.caps import bounding_drop
+from machinepy.child import ChildConfig, setup_child
+from machinepy.spec import ContainerSpec, Passwd, lookup_user, supplementary_groups
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def container_env(spec: ContainerSpec, pw: Passwd | None, host_env: Mapping[str, str]) -> dict[str, str]:
+    if spec.root is None or spec.keepenv:
+        env = dict(host_env)
+    else:
+        env = {"PATH": DEFAULT_PATH, "TERM": host_env.get("TERM", "vt220")}
+    if pw is not None and (spec.root is not None or spec.user is not None) and not spec.keepenv:
+        env.update(HOME=pw.home, USER=pw.name, LOGNAME=pw.name)
+    env["container"] = "machinepy"
+    if spec.boot:
+        env["container_uuid"] = str(spec.machine_id)
+    env.update(spec.setenv)
+    return env
+
+
+def default_command(spec: ContainerSpec, pw: Passwd | None) -> tuple[str, ...]:
+    if spec.command:
+        return spec.command
+    shell = pw.shell if pw is not None else "/bin/sh"
+    if not os.path.exists(os.path.join(spec.root or "/", shell.lstrip("/"))):
+        shell = "/bin/sh"
+    return (shell,)
+
+
+def unshare_flags(spec: ContainerSpec) -> int:
+    # The cgroup namespace is entered by PID 1 itself, once it sits in its scope.
+    return sum(linux.NAMESPACE_FLAGS[ns] for ns in spec.namespaces if ns != "cgroup")
+
+
+def child_config(spec: ContainerSpec, *, console: int | None = None,
+                 console_path: str | None = None) -> ChildConfig:
+    pw: Passwd | None
+    try:
+        pw = lookup_user(spec.user or "0", spec.root)
+    except ValueError:
+        pw = None
+    argv = default_command(spec, pw)
+    user = spec.user is not None and pw is not None
+    return ChildConfig(
+        unshare_flags=unshare_flags(spec),
+        argv=argv,
+        env=container_env(spec, pw, os.environ),
+        root=spec.root,
+        ephemeral=spec.ephemeral,
+        plan=mounts.build_plan(spec, console_path),
+        hostname=spec.hostname,
+        chdir=spec.chdir,
+        uid=pw.uid if user and pw else None,
+        gid=pw.gid if user and pw else None,
+        groups=supplementary_groups(pw, spec.root) if user and pw else (),
+        cgroupns="cgroup" in spec.namespaces,
+        console=console,
+        caps_drop=bounding_drop(spec.caps, private_network="net" in spec.namespaces),
+    )
+
+
+class SpawnError(Exception):
+    """The container could not be started; the message is one line."""
+
+
+@dataclass
+class Spawned:
+    leader: int
+    pidfd: int
+    status_r: int  # ERR lines from PID 1 until exec; EOF on exec
+    go_w: int
+
+    def go(self, propagate: str | None = None) -> None:
+        msg = b"go" + (b" " + os.fsencode(propagate) if propagate else b"")
+        os.write(self.go_w, msg + b"\n")
+        os.close(self.go_w)
+        self.go_w = -1
+
+    def abort(self) -> None:
+        """Kill PID 1 (waiting for go or running) and reap it."""
+        if self.go_w >= 0:
+            os.close(self.go_w)  # EOF makes a waiting PID 1 exit by itself
+            self.go_w = -1
+        try:
+            os.kill(self.leader, 9)
+        except ProcessLookupError:
+            pass
+        try:
+            os.waitid(os.P_PIDFD, self.pidfd, os.WEXITED)
+        except ChildProcessError:
+            pass
+        self.close()
+
+    def close(self) -> None:
+        for fd in (self.pidfd, self.status_r, self.go_w):
+            if fd >= 0:
+                os.close(fd)
+        self.pidfd = self.status_r = self.go_w = -1
+
+
+def _read_line(fd: int) -> bytes:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = os.read(fd, 1)
+        if not chunk:
+            break
+        data += chunk
+    return data.rstrip(b"\n")
+
+
+def spawn(cfg: ChildConfig) -> Spawned:
+    """Fork the setup child; return once PID 1 exists and waits for go."""
+    if threading.active_count() > 1:
+        # A fork copies one thread; locks held by the others would stay locked.
+        raise SpawnError("internal error: refusing to fork from a multi-threaded process")
+    # PID 1's parent (the setup child) exits at once: we adopt and reap it.
+    linux.prctl(linux.PR_SET_CHILD_SUBREAPER, 1)
+    status_r, status_w = os.pipe2(os.O_CLOEXEC)
+    go_r, go_w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        os.close(status_r)
+        os.close(go_w)
+        setup_child(cfg, status_w, go_r)
+    os.close(status_w)
+    os.close(go_r)
+    line = _read_line(status_r)
+    os.waitpid(pid, 0)
+    if not line.startswith(b"PID "):
+        os.close(status_r)
+        os.close(go_w)
+        msg = line.removeprefix(b"ERR ").decode(errors="replace") or "setup child died"
+        raise SpawnError(msg)
+    leader = int(line[4:])
+    return Spawned(leader, os.pidfd_open(leader), status_r, go_w)
+
+
+def write_id_maps(leader: int, spec: ContainerSpec) -> None:
+    """uid/gid maps of the container's user namespace (as root: through /proc)."""
+    if "user" not in spec.namespaces:
+        return
+    text = "".join(f"{m.inside} {m.outside} {m.count}\n" for m in spec.user_maps)
+    for name in ("uid_map", "gid_map"):
+        try:
+            with open(f"/proc/{leader}/{name}", "w") as f:
+                f.write(text)
+        except OSError as e:
+            raise SpawnError(f"write /proc/{leader}/{name}: {e.strerror}") from None

@@ -1,0 +1,386 @@
+# SPDX-License-Identifier: BSD-2-Clause
+"""The container specification: parsed, validated, immutable.
+
+Everything here is pure parsing plus read-only checks of the host (stat, passwd
+look-ups).  Nothing is created, so bad input never leaves anything behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from machinepy.unitprops import UnitProperty
+
+
+class SpecError(ValueError):
+    """Bad user input; its message is one line, printed as `machinepy: MESSAGE`."""
+
+
+# ---------------------------------------------------------------------------
+# Escaped option lists: pflask separates fields with ':' and items with ','.
+
+
+def split_escaped(text: str, sep: str) -> list[str]:
+    """Split on `sep`, honouring backslash escapes (`\\:`, `\\,`, `\\\\`)."""
+    parts: list[str] = []
+    cur: list[str] = []
+    chars = iter(text)
+    for ch in chars:
+        if ch == "\\":
+            nxt = next(chars, None)
+            if nxt is None:
+                raise SpecError(f"trailing backslash in '{text}'")
+            cur.append(nxt)
+        elif ch == sep:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    parts.append("".join(cur))
+    return parts
+
+
+def _absolute(path: str, what: str, spec: str) -> str:
+    if not path.startswith("/"):
+        raise SpecError(f"invalid {what} '{spec}': path '{path}' is not absolute")
+    if "\0" in path:
+        raise SpecError(f"invalid {what} '{spec}': path contains a NUL byte")
+    return os.path.normpath(path).replace("//", "/")
+
+
+# ---------------------------------------------------------------------------
+# Mounts
+
+MountKind = Literal["bind", "bind-ro", "tmp", "overlay"]
+
+
+@dataclass(frozen=True)
+class MountSpec:
+    kind: MountKind
+    dest: str
+    source: str | None = None  # host path (bind) or upper dir (overlay)
+    work: str | None = None  # overlay work dir
+
+    @property
+    def read_only(self) -> bool:
+        return self.kind == "bind-ro"
+
+
+def parse_mount(spec: str) -> MountSpec:
+    fields = split_escaped(spec, ":")
+    kind, args = fields[0], fields[1:]
+    want = {"bind": 2, "bind-ro": 2, "tmp": 1, "overlay": 3}.get(kind)
+    if want is None:
+        raise SpecError(
+            f"invalid --mount '{spec}': unknown mount type '{kind}' "
+            "(expected bind, bind-ro, tmp or overlay)"
+        )
+    if len(args) != want:
+        raise SpecError(f"invalid --mount '{spec}': {kind} takes {want} path(s), got {len(args)}")
+    paths = [_absolute(p, "--mount", spec) for p in args]
+    if kind == "tmp":
+        return MountSpec("tmp", dest=paths[0])
+    if kind == "overlay":
+        upper, dest, work = paths
+        return MountSpec("overlay", dest=dest, source=upper, work=work)
+    return MountSpec(kind, dest=paths[1], source=paths[0])  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------
+# Network interfaces
+
+NetifKind = Literal["move", "macvlan", "ipvlan", "veth", "bridge"]
+IFNAME_RE = re.compile(r"^[^/:\s]{1,15}$")
+
+
+@dataclass(frozen=True)
+class NetifSpec:
+    kind: NetifKind
+    host: str  # moved device, master, outside veth end, or bridge
+    inside: str  # name inside the container
+
+
+def _ifname(name: str, spec: str) -> str:
+    if not IFNAME_RE.match(name) or name in (".", ".."):
+        raise SpecError(f"invalid --netif '{spec}': '{name}' is not a valid interface name")
+    return name
+
+
+def parse_netif(spec: str) -> NetifSpec:
+    fields = split_escaped(spec, ":")
+    if len(fields) == 2:
+        return NetifSpec("move", _ifname(fields[0], spec), _ifname(fields[1], spec))
+    if len(fields) == 3 and fields[0] in ("macvlan", "ipvlan", "veth", "bridge"):
+        kind: NetifKind = fields[0]  # type: ignore[assignment]
+        return NetifSpec(kind, _ifname(fields[1], spec), _ifname(fields[2], spec))
+    raise SpecError(
+        f"invalid --netif '{spec}': expected DEV:NAME, macvlan:MASTER:NAME, "
+        "ipvlan:MASTER:NAME, veth:OUTSIDE:INSIDE or bridge:BRIDGE:INSIDE"
+    )
+
+
+@dataclass(frozen=True)
+class NetifAddress:
+    ifname: str
+    address: ipaddress.IPv4Interface | ipaddress.IPv6Interface
+
+
+def parse_netif_address(spec: str) -> NetifAddress:
+    name, sep, addr = spec.partition("=")
+    if not sep or "/" not in addr:
+        raise SpecError(f"invalid --netif-address '{spec}': expected NAME=ADDRESS/PREFIX")
+    try:
+        iface = ipaddress.ip_interface(addr)
+    except ValueError:
+        raise SpecError(f"invalid --netif-address '{spec}': bad address '{addr}'") from None
+    return NetifAddress(_ifname(name, spec), iface)
+
+
+@dataclass(frozen=True)
+class NetifRoute:
+    ifname: str
+    dest: ipaddress.IPv4Network | ipaddress.IPv6Network | None  # None: default route
+    gateway: ipaddress.IPv4Address | ipaddress.IPv6Address | None
+
+
+def parse_netif_route(spec: str) -> NetifRoute:
+    """NAME=DEST[,via=GATEWAY] where DEST is `default` or ADDRESS/PREFIX."""
+    name, sep, rest = spec.partition("=")
+    if not sep or not rest:
+        raise SpecError(f"invalid --netif-route '{spec}': expected NAME=DEST[,via=GATEWAY]")
+    dest_s, *opts = rest.split(",")
+    try:
+        dest = None if dest_s == "default" else ipaddress.ip_network(dest_s, strict=False)
+        gateway = None
+        for opt in opts:
+            key, _, value = opt.partition("=")
+            if key != "via":
+                raise SpecError(f"invalid --netif-route '{spec}': unknown option '{key}'")
+            gateway = ipaddress.ip_address(value)
+    except ValueError as e:
+        raise SpecError(f"invalid --netif-route '{spec}': {e}") from None
+    if dest is None and gateway is None:
+        raise SpecError(f"invalid --netif-route '{spec}': a default route needs via=GATEWAY")
+    return NetifRoute(_ifname(name, spec), dest, gateway)
+
+
+# ---------------------------------------------------------------------------
+# User namespace maps
+
+
+@dataclass(frozen=True)
+class IdMap:
+    inside: int
+    outside: int
+    count: int
+
+
+ID_MAX = 2**32 - 1
+
+
+def parse_user_map(spec: str) -> IdMap:
+    fields = spec.split(":")
+    if len(fields) != 3 or not all(f.isdigit() for f in fields):
+        raise SpecError(
+            f"invalid --user-map '{spec}': expected CONTAINER_ID:HOST_ID:COUNT (decimal numbers)"
+        )
+    inside, outside, count = (int(f) for f in fields)
+    if count == 0 or inside + count > ID_MAX or outside + count > ID_MAX:
+        raise SpecError(f"invalid --user-map '{spec}': range is empty or exceeds 2^32-1")
+    return IdMap(inside, outside, count)
+
+
+def check_user_maps(maps: Sequence[IdMap]) -> None:
+    def overlap(a: tuple[int, int], b: tuple[int, int]) -> bool:
+        return a[0] < b[0] + b[1] and b[0] < a[0] + a[1]
+
+    for i, a in enumerate(maps):
+        for b in maps[i + 1 :]:
+            if overlap((a.inside, a.count), (b.inside, b.count)) or overlap(
+                (a.outside, a.count), (b.outside, b.count)
+            ):
+                raise SpecError(
+                    f"invalid --user-map: {a.inside}:{a.outside}:{a.count} overlaps "
+                    f"{b.inside}:{b.outside}:{b.count}"
+                )
+
+
+# ---------------------------------------------------------------------------
+# Environment
+
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def parse_setenv(spec: str) -> list[tuple[str, str]]:
+    """`NAME=VALUE[,NAME=VALUE…]`; `\\,` escapes a comma inside a value."""
+    out = []
+    for item in split_escaped(spec, ","):
+        name, sep, value = item.partition("=")
+        if not sep or not ENV_NAME_RE.match(name):
+            raise SpecError(f"invalid --setenv '{spec}': '{item}' is not NAME=VALUE")
+        if "\0" in value:
+            raise SpecError(f"invalid --setenv '{spec}': value contains a NUL byte")
+        out.append((name, value))
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Machine names (machined's hostname_is_valid rules, without trailing dot)
+
+MACHINE_NAME_RE = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
+
+
+def check_machine_name(name: str) -> str:
+    if len(name) > 64 or not MACHINE_NAME_RE.match(name):
+        raise SpecError(
+            f"invalid machine name '{name}': use letters, digits, '-', '_' and '.', "
+            "at most 64 characters"
+        )
+    return name
+
+
+def check_hostname(name: str) -> str:
+    if not name or len(name) > 64 or not MACHINE_NAME_RE.match(name):
+        raise SpecError(f"invalid hostname '{name}'")
+    return name
+
+
+# ---------------------------------------------------------------------------
+# The spec itself
+
+NAMESPACES = ("mount", "pid", "ipc", "uts", "net", "user", "cgroup")
+Namespace = Literal["mount", "pid", "ipc", "uts", "net", "user", "cgroup"]
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    command: tuple[str, ...]
+    root: str | None = None  # None: the host root
+    chdir: str | None = None
+    hostname: str | None = None
+    mounts: tuple[MountSpec, ...] = ()
+    user: str | None = None
+    setenv: tuple[tuple[str, str], ...] = ()
+    keepenv: bool = False
+    ephemeral: bool = False
+    detach: bool = False
+    boot: bool = False
+    namespaces: frozenset[Namespace] = frozenset({"mount", "pid", "ipc", "uts", "cgroup"})
+    netifs: tuple[NetifSpec, ...] = ()
+    addresses: tuple[NetifAddress, ...] = ()
+    routes: tuple[NetifRoute, ...] = ()
+    user_maps: tuple[IdMap, ...] = ()
+    caps: tuple[str, ...] = ()
+    machine: str | None = None  # None: pflask-<leader pid>
+    register: bool = True
+    properties: tuple[UnitProperty, ...] = ()
+    notify_ready: bool = False
+    machine_id: uuid.UUID = field(default_factory=uuid.uuid4)
+
+    def replace(self, **changes: object) -> ContainerSpec:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+def validate(spec: ContainerSpec) -> ContainerSpec:
+    """Cross-field and host checks.  Read-only: creates nothing."""
+    if spec.root is not None:
+        if not spec.root.startswith("/"):
+            raise SpecError(f"chroot directory '{spec.root}' is not absolute")
+        if not os.path.isdir(spec.root):
+            raise SpecError(f"chroot directory '{spec.root}' does not exist or is not a directory")
+        if spec.root == "/":
+            spec = spec.replace(root=None)
+    if spec.ephemeral and spec.root is None:
+        raise SpecError("--ephemeral needs --chroot (it discards changes to the container's root)")
+    if spec.boot and spec.root is None:
+        raise SpecError("boot needs a root directory")
+    if spec.chdir is not None and not spec.chdir.startswith("/"):
+        raise SpecError(f"--chdir '{spec.chdir}' is not absolute")
+    if "mount" not in spec.namespaces and (spec.root or spec.mounts or spec.ephemeral):
+        raise SpecError("--no-mountns cannot be combined with --chroot, --mount or --ephemeral")
+    if spec.hostname is not None and "uts" not in spec.namespaces:
+        raise SpecError("--hostname needs a UTS namespace (drop --no-utsns)")
+    if (spec.netifs or spec.addresses or spec.routes) and "net" not in spec.namespaces:
+        raise SpecError("--netif needs a network namespace (drop --no-netns)")
+    if spec.user_maps and "user" not in spec.namespaces:
+        raise SpecError("--user-map needs a user namespace (drop --no-userns)")
+    if "user" in spec.namespaces and not spec.user_maps:
+        raise SpecError("a user namespace needs at least one --user-map")
+    check_user_maps(spec.user_maps)
+    inside = {n.inside for n in spec.netifs}
+    if len(inside) != len(spec.netifs):
+        raise SpecError("--netif: two interfaces get the same name inside the container")
+    for addr in spec.addresses:
+        if addr.ifname not in inside and addr.ifname != "lo":
+            raise SpecError(f"--netif-address: no --netif creates '{addr.ifname}'")
+    for route in spec.routes:
+        if route.ifname not in inside and route.ifname != "lo":
+            raise SpecError(f"--netif-route: no --netif creates '{route.ifname}'")
+    for m in spec.mounts:
+        for path in (m.source, m.work):
+            if path is not None and not os.path.exists(path):
+                raise SpecError(f"--mount source '{path}' does not exist")
+    if spec.machine is not None:
+        check_machine_name(spec.machine)
+    if spec.hostname is not None:
+        check_hostname(spec.hostname)
+    if spec.user is not None:
+        lookup_user(spec.user, spec.root)
+    if not spec.command and not spec.boot:
+        raise SpecError("no command to run")
+    return spec
+
+
+# ---------------------------------------------------------------------------
+# Users, looked up in the container's own passwd when it has a root
+
+
+@dataclass(frozen=True)
+class Passwd:
+    name: str
+    uid: int
+    gid: int
+    home: str
+    shell: str
+
+
+def _read_db(path: str) -> Iterable[list[str]]:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.strip() and not line.startswith("#"):
+                    yield line.rstrip("\n").split(":")
+    except FileNotFoundError:
+        return
+
+
+def lookup_user(user: str, root: str | None) -> Passwd:
+    """Resolve USER (name or numeric uid) in ROOT/etc/passwd (host's when ROOT is None)."""
+    passwd = os.path.join(root or "/", "etc/passwd")
+    for f in _read_db(passwd):
+        if len(f) >= 7 and (f[0] == user or (user.isdigit() and f[2] == user)):
+            try:
+                return Passwd(f[0], int(f[2]), int(f[3]), f[5] or "/", f[6] or "/bin/sh")
+            except ValueError:
+                break
+    if user.isdigit():
+        return Passwd(user, int(user), int(user), "/", "/bin/sh")
+    raise SpecError(f"user '{user}' does not exist in {passwd}")
+
+
+def supplementary_groups(pw: Passwd, root: str | None) -> list[int]:
+    groups = [pw.gid]
+    for f in _read_db(os.path.join(root or "/", "etc/group")):
+        if len(f) >= 4 and pw.name in f[3].split(",") and f[2].isdigit():
+            gid = int(f[2])
+            if gid not in groups:
+                groups.append(gid)
+    return groups
