@@ -16,8 +16,10 @@ exits; the supervisor turns it into one line on stderr.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
+import select
 import signal
 import termios
 from collections.abc import Sequence
@@ -55,6 +57,7 @@ class ChildConfig:
     console: int | None = None  # pty slave fd: becomes the controlling tty and 0-2
     caps_drop: Sequence[int] = ()
     keep_fds: Sequence[int] = field(default_factory=tuple)
+    supervisor: int = 0  # pid whose death kills the container (0: outlive it, for the daemon)
 
 
 class ChildError(Exception):
@@ -70,10 +73,8 @@ class ChildError(Exception):
 
 
 def _report(fd: int, msg: str) -> None:
-    try:
+    with contextlib.suppress(OSError):
         os.write(fd, b"ERR " + msg.encode(errors="replace") + b"\n")
-    except OSError:
-        pass
 
 
 def setup_child(cfg: ChildConfig, status_w: int, go_r: int) -> NoReturn:
@@ -138,6 +139,7 @@ def container_init(cfg: ChildConfig, status_w: int, go_r: int) -> NoReturn:
             _take_console(cfg.console)
         _drop_caps(cfg.caps_drop)
         _become_user(cfg)
+        _die_with_supervisor(cfg.supervisor, status_w)
         _chdir(cfg)
         _exec(cfg)
     except ChildError as e:
@@ -244,6 +246,18 @@ def _become_user(cfg: ChildConfig) -> None:
         os.setresuid(cfg.uid, cfg.uid, cfg.uid)
     except OSError as e:
         raise ChildError(f"switch to uid {cfg.uid}", e) from None
+
+
+def _die_with_supervisor(supervisor: int, status_w: int) -> None:
+    # The setup child, our first parent, is gone by now: the supervisor adopted
+    # us.  Set after the uid change, which would clear it.  If the supervisor
+    # died before that, its end of the status pipe is closed: POLLERR.
+    if supervisor:
+        linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
+        poller = select.poll()
+        poller.register(status_w, select.POLLOUT)
+        if any(ev & select.POLLERR for _, ev in poller.poll(0)):
+            os._exit(1)
 
 
 def _chdir(cfg: ChildConfig) -> None:

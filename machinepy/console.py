@@ -8,6 +8,7 @@ inherits fds 0-2 (pipes, files, CI) and nothing is relayed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import fcntl
 import os
@@ -141,10 +142,8 @@ class _Pipe:
 
     def stop(self) -> None:
         self._pause()
-        try:
+        with contextlib.suppress(ValueError, OSError):
             self.loop.remove_writer(self.dst)
-        except (ValueError, OSError):
-            pass
 
 
 class Relay:

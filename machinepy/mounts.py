@@ -93,7 +93,8 @@ def _mount_at(root_fd: int, target: str, create: Create, source: str | None, fst
     try:
         linux.mount(source, _fd_path(fd), fstype, flags, data)
     except OSError as e:
-        raise OSError(e.errno, f"mount {fstype or 'bind'}: {os.strerror(e.errno)}", target) from None
+        what = f"mount {fstype or 'bind'}: {os.strerror(e.errno)}"
+        raise OSError(e.errno, what, target) from None
     finally:
         os.close(fd)
 

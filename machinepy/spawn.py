@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Mapping
@@ -16,7 +17,9 @@ from machinepy.spec import ContainerSpec, Passwd, lookup_user, supplementary_gro
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
-def container_env(spec: ContainerSpec, pw: Passwd | None, host_env: Mapping[str, str]) -> dict[str, str]:
+def container_env(
+    spec: ContainerSpec, pw: Passwd | None, host_env: Mapping[str, str]
+) -> dict[str, str]:
     if spec.root is None or spec.keepenv:
         env = dict(host_env)
     else:
@@ -45,7 +48,7 @@ def unshare_flags(spec: ContainerSpec) -> int:
 
 
 def child_config(spec: ContainerSpec, *, console: int | None = None,
-                 console_path: str | None = None) -> ChildConfig:
+                 console_path: str | None = None, die_with_supervisor: bool = True) -> ChildConfig:
     pw: Passwd | None
     try:
         pw = lookup_user(spec.user or "0", spec.root)
@@ -67,6 +70,7 @@ def child_config(spec: ContainerSpec, *, console: int | None = None,
         groups=supplementary_groups(pw, spec.root) if user and pw else (),
         cgroupns="cgroup" in spec.namespaces,
         console=console,
+        supervisor=os.getpid() if die_with_supervisor else 0,
         caps_drop=bounding_drop(spec.caps, private_network="net" in spec.namespaces),
     )
 
@@ -93,14 +97,10 @@ class Spawned:
         if self.go_w >= 0:
             os.close(self.go_w)  # EOF makes a waiting PID 1 exit by itself
             self.go_w = -1
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(self.leader, 9)
-        except ProcessLookupError:
-            pass
-        try:
+        with contextlib.suppress(ChildProcessError):
             os.waitid(os.P_PIDFD, self.pidfd, os.WEXITED)
-        except ChildProcessError:
-            pass
         self.close()
 
     def close(self) -> None:

@@ -334,8 +334,6 @@ def validate(spec: ContainerSpec) -> ContainerSpec:
         check_hostname(spec.hostname)
     if spec.user is not None:
         lookup_user(spec.user, spec.root)
-    if not spec.command and not spec.boot:
-        raise SpecError("no command to run")
     return spec
 
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from machinepy import console as consolemod
-from machinepy.spawn import SpawnError, Spawned, child_config, spawn, write_id_maps
+from machinepy.spawn import Spawned, SpawnError, child_config, spawn, write_id_maps
 from machinepy.spec import ContainerSpec
 
 PROPAGATE_DIR = "/run/systemd/nspawn/propagate"

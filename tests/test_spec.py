@@ -1,0 +1,183 @@
+# SPDX-License-Identifier: BSD-2-Clause
+"""Spec parsing and validation: pure, no root needed."""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import string
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from machinepy.spec import (
+    ContainerSpec,
+    IdMap,
+    MountSpec,
+    NetifSpec,
+    SpecError,
+    check_machine_name,
+    lookup_user,
+    parse_mount,
+    parse_netif,
+    parse_netif_address,
+    parse_netif_route,
+    parse_setenv,
+    parse_user_map,
+    split_escaped,
+    validate,
+)
+
+# Path components without the separators the spec syntax uses.
+component = st.text(alphabet=string.ascii_letters + string.digits + "._- ", min_size=1,
+                    max_size=12).filter(lambda c: c not in (".", ".."))
+abs_path = st.lists(component, min_size=1, max_size=4).map(lambda cs: "/" + "/".join(cs))
+
+
+def escape(path: str) -> str:
+    return path.replace("\\", "\\\\").replace(":", "\\:").replace(",", "\\,")
+
+
+@given(st.lists(st.text(max_size=10), min_size=1, max_size=5))
+def test_split_escaped_round_trips(parts: list[str]) -> None:
+    joined = ":".join(escape(p) for p in parts)
+    assert split_escaped(joined, ":") == parts
+
+
+@given(abs_path, abs_path)
+def test_bind_specs_round_trip(src: str, dst: str) -> None:
+    assert parse_mount(f"bind:{src}:{dst}") == MountSpec("bind", dest=dst, source=src)
+    m = parse_mount(f"bind-ro:{src}:{dst}")
+    assert m.read_only and m.source == src and m.dest == dst
+
+
+@given(st.lists(component, min_size=1, max_size=3))
+def test_escaped_colons_and_commas_in_paths(parts: list[str]) -> None:
+    odd = "/" + "/".join(p + ":x,y" for p in parts)
+    m = parse_mount(f"bind:{escape(odd)}:/dst")
+    assert m.source == odd
+
+
+def test_tmp_and_overlay() -> None:
+    assert parse_mount("tmp:/scratch") == MountSpec("tmp", dest="/scratch")
+    assert parse_mount("overlay:/up:/usr:/work") == MountSpec(
+        "overlay", dest="/usr", source="/up", work="/work")
+
+
+@pytest.mark.parametrize("spec, fragment", [
+    ("nfs:/a:/b", "unknown mount type 'nfs'"),
+    ("bind:relative:/b", "'relative' is not absolute"),
+    ("bind:/a", "bind takes 2 path(s), got 1"),
+    ("tmp:/a:/b", "tmp takes 1 path(s), got 2"),
+    ("overlay:/a:/b", "overlay takes 3 path(s)"),
+    ("bind:/a:/b\\", "trailing backslash"),
+])
+def test_bad_mounts(spec: str, fragment: str) -> None:
+    with pytest.raises(SpecError) as exc:
+        parse_mount(spec)
+    assert fragment in str(exc.value)
+    assert "\n" not in str(exc.value)
+
+
+@given(st.text(max_size=40))
+def test_mount_parser_fails_only_with_spec_error(text: str) -> None:
+    with contextlib.suppress(SpecError):
+        parse_mount(text)
+
+
+@given(st.text(max_size=40))
+def test_other_parsers_fail_only_with_spec_error(text: str) -> None:
+    for parser in (parse_netif, parse_netif_address, parse_netif_route, parse_setenv,
+                   parse_user_map):
+        with contextlib.suppress(SpecError):
+            parser(text)
+
+
+def test_netifs() -> None:
+    assert parse_netif("eth1:eth0") == NetifSpec("move", "eth1", "eth0")
+    assert parse_netif("veth:ve-a:host0") == NetifSpec("veth", "ve-a", "host0")
+    assert parse_netif("bridge:br0:eth0") == NetifSpec("bridge", "br0", "eth0")
+    assert parse_netif("macvlan:eth0:mv0").kind == "macvlan"
+    for bad in ("a:b:c:d", "x", "wifi:a:b", "veth:a:" + "x" * 16, "a/b:c"):
+        with pytest.raises(SpecError):
+            parse_netif(bad)
+
+
+def test_addresses_and_routes() -> None:
+    a = parse_netif_address("eth0=10.0.0.2/24")
+    assert a.ifname == "eth0" and a.address == ipaddress.ip_interface("10.0.0.2/24")
+    r = parse_netif_route("eth0=default,via=10.0.0.1")
+    assert r.dest is None and str(r.gateway) == "10.0.0.1"
+    assert str(parse_netif_route("eth0=192.168.5.0/24").dest) == "192.168.5.0/24"
+    for bad in ("eth0", "eth0=10.0.0.2", "eth0=bogus/8"):
+        with pytest.raises(SpecError):
+            parse_netif_address(bad)
+    with pytest.raises(SpecError, match="needs via"):
+        parse_netif_route("eth0=default")
+
+
+@given(st.integers(0, 2**31), st.integers(0, 2**31), st.integers(1, 2**31 - 1))
+def test_user_map_round_trip(inside: int, outside: int, count: int) -> None:
+    assert parse_user_map(f"{inside}:{outside}:{count}") == IdMap(inside, outside, count)
+
+
+def test_user_map_errors() -> None:
+    for bad in ("0:100000", "a:b:c", "0:0:0", "-1:0:1"):
+        with pytest.raises(SpecError):
+            parse_user_map(bad)
+
+
+def test_setenv() -> None:
+    assert parse_setenv("A=1,B=x\\,y,C=") == [("A", "1"), ("B", "x,y"), ("C", "")]
+    for bad in ("A", "1A=2", "=x", "A=1,,B=2"):
+        with pytest.raises(SpecError):
+            parse_setenv(bad)
+
+
+def test_machine_names() -> None:
+    assert check_machine_name("pflask-123") == "pflask-123"
+    for bad in ("", "a b", "x" * 65, "../x", "a..b", ".x"):
+        with pytest.raises(SpecError):
+            check_machine_name(bad)
+
+
+def spec(**kw: object) -> ContainerSpec:
+    return ContainerSpec(command=("/bin/true",)).replace(**kw)
+
+
+@pytest.mark.parametrize("kw, fragment", [
+    ({"root": "/nonexistent/root"}, "does not exist"),
+    ({"root": "relative"}, "not absolute"),
+    ({"ephemeral": True}, "--ephemeral needs --chroot"),
+    ({"user": "no-such-user-xyz"}, "user 'no-such-user-xyz' does not exist"),
+    ({"chdir": "rel"}, "not absolute"),
+    ({"mounts": (MountSpec("bind", "/x", "/nonexistent/src"),)}, "does not exist"),
+    ({"machine": "bad name"}, "invalid machine name"),
+    ({"namespaces": frozenset({"pid"}), "mounts": (MountSpec("tmp", "/x"),)}, "--no-mountns"),
+    ({"netifs": (NetifSpec("veth", "a", "b"),)}, "needs a network namespace"),
+    ({"namespaces": frozenset({"user", "mount"})}, "needs at least one --user-map"),
+    ({"namespaces": frozenset({"user", "mount"}),
+      "user_maps": (IdMap(0, 1000, 10), IdMap(5, 5000, 1))}, "overlaps"),
+])
+def test_validate_rejects(kw: dict[str, object], fragment: str) -> None:
+    with pytest.raises(SpecError) as exc:
+        validate(spec(**kw))
+    assert fragment in str(exc.value)
+
+
+def test_validate_normalises_slash_root() -> None:
+    assert validate(spec(root="/")).root is None
+
+
+def test_lookup_user_in_container_passwd(tmp_path: object) -> None:
+    import pathlib
+
+    root = pathlib.Path(str(tmp_path))
+    (root / "etc").mkdir()
+    (root / "etc/passwd").write_text("root:x:0:0::/root:/bin/sh\nalice:x:1234:99::/h:/bin/zsh\n")
+    pw = lookup_user("alice", str(root))
+    assert (pw.uid, pw.gid, pw.home, pw.shell) == (1234, 99, "/h", "/bin/zsh")
+    assert lookup_user("1234", str(root)).name == "alice"
+    with pytest.raises(SpecError, match="does not exist"):
+        lookup_user("bob", str(root))
