@@ -21,13 +21,22 @@ import fcntl
 import os
 import select
 import signal
+import socket
+import struct
 import termios
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NoReturn
 
 from machinepy import linux
-from machinepy.mounts import O_PATH, MountOp, propagation_ops
+from machinepy.mounts import O_PATH, MountOp, open_in_root, propagation_ops
+
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+IFF_UP = 0x1
+
+NOTIFY_DIR = "/run/host"
+NOTIFY_SOCKET = "/run/host/notify"
 
 # Signals the supervisor handles or Python sets to SIG_IGN: restore the defaults
 # the exec'd program expects (SIGPIPE matters for every shell pipeline).
@@ -57,6 +66,7 @@ class ChildConfig:
     console: int | None = None  # pty slave fd: becomes the controlling tty and 0-2
     caps_drop: Sequence[int] = ()
     keep_fds: Sequence[int] = field(default_factory=tuple)
+    notify: int | None = None  # datagram socket bound at /run/host/notify inside
     supervisor: int = 0  # pid whose death kills the container (0: outlive it, for the daemon)
 
 
@@ -122,10 +132,12 @@ def container_init(cfg: ChildConfig, status_w: int, go_r: int) -> NoReturn:
             # machinectl bind: machined mounts into the host's propagation
             # directory; the container receives it at /run/host/incoming.
             plan += propagation_ops(os.fsdecode(go[1]))
-        _close_fds(keep=(status_w, *((cfg.console,) if cfg.console is not None else ()),
+        _close_fds(keep=(status_w, *(fd for fd in (cfg.console, cfg.notify) if fd is not None),
                          *cfg.keep_fds))
         if cfg.cgroupns:
             _step("unshare cgroup namespace", linux.unshare, linux.CLONE_NEWCGROUP)
+        if cfg.unshare_flags & linux.CLONE_NEWNET:
+            _step("bring up lo", _loopback_up)
         if cfg.hostname is not None:
             _step("sethostname", linux.sethostname, cfg.hostname)
         if cfg.unshare_flags & linux.CLONE_NEWNS:
@@ -154,6 +166,14 @@ def _step(what: str, fn: object, *args: object) -> None:
         fn(*args)  # type: ignore[operator]
     except OSError as e:
         raise ChildError(what, e) from None
+
+
+def _loopback_up() -> None:
+    # Two ioctls instead of netlink: nothing to import between fork and exec.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+        req = struct.pack("16sH14x", b"lo", 0)
+        flags = struct.unpack("16sH14x", fcntl.ioctl(s, SIOCGIFFLAGS, req))[1]
+        fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
 
 
 def _close_fds(keep: Sequence[int]) -> None:
@@ -185,6 +205,8 @@ def _enter_root(cfg: ChildConfig, plan: Sequence[MountOp]) -> None:
         # pivot_root needs a mount point; also keeps the host's root untouched.
         _step("bind root", linux.mount, root, root, None, linux.MS_BIND | linux.MS_REC)
     _apply_plan(plan, root)
+    if cfg.notify is not None:
+        _bind_notify(cfg.notify, root)
     try:
         os.chdir(root)
         linux.pivot_root(".", ".")
@@ -193,6 +215,25 @@ def _enter_root(cfg: ChildConfig, plan: Sequence[MountOp]) -> None:
         os.chdir("/")
     except OSError as e:
         raise ChildError("pivot_root", e) from None
+
+
+def _bind_notify(fd: int, root: str) -> None:
+    """Bind the supervisor's socket at /run/host/notify (the container's NOTIFY_SOCKET)."""
+    root_fd = os.open(root, O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        dir_fd = open_in_root(root_fd, NOTIFY_DIR, "dir")
+        os.fchdir(dir_fd)  # relative bind: sun_path is too short for long roots
+        os.close(dir_fd)
+        sock = socket.socket(fileno=fd)
+        try:
+            sock.bind("notify")
+        finally:
+            sock.detach()
+            os.close(fd)
+    except OSError as e:
+        raise ChildError("bind notify socket", e) from None
+    finally:
+        os.close(root_fd)
 
 
 def _ephemeral_root(root: str) -> str:

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from machinepy import linux, mounts
 from machinepy.caps import bounding_drop
-from machinepy.child import ChildConfig, setup_child
+from machinepy.child import NOTIFY_SOCKET, ChildConfig, setup_child
 from machinepy.spec import ContainerSpec, Passwd, lookup_user, supplementary_groups
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -48,18 +49,23 @@ def unshare_flags(spec: ContainerSpec) -> int:
 
 
 def child_config(spec: ContainerSpec, *, console: int | None = None,
-                 console_path: str | None = None, die_with_supervisor: bool = True) -> ChildConfig:
+                 console_path: str | None = None, notify: int | None = None,
+                 die_with_supervisor: bool = True) -> ChildConfig:
     pw: Passwd | None
     try:
         pw = lookup_user(spec.user or "0", spec.root)
     except ValueError:
         pw = None
     argv = default_command(spec, pw)
+    env = container_env(spec, pw, os.environ)
+    if notify is not None:
+        env["NOTIFY_SOCKET"] = NOTIFY_SOCKET
     user = spec.user is not None and pw is not None
     return ChildConfig(
         unshare_flags=unshare_flags(spec),
         argv=argv,
-        env=container_env(spec, pw, os.environ),
+        env=env,
+        notify=notify,
         root=spec.root,
         ephemeral=spec.ephemeral,
         plan=mounts.build_plan(spec, console_path),
@@ -93,12 +99,15 @@ class Spawned:
         self.go_w = -1
 
     def abort(self) -> None:
-        """Kill PID 1 (waiting for go or running) and reap it."""
+        """Kill PID 1 (waiting for go or running) and reap it; idempotent."""
+        if self.pidfd < 0:
+            return
         if self.go_w >= 0:
             os.close(self.go_w)  # EOF makes a waiting PID 1 exit by itself
             self.go_w = -1
+        # Through the pidfd: a recycled pid number can never be hit.
         with contextlib.suppress(ProcessLookupError):
-            os.kill(self.leader, 9)
+            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
         with contextlib.suppress(ChildProcessError):
             os.waitid(os.P_PIDFD, self.pidfd, os.WEXITED)
         self.close()

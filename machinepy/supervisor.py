@@ -13,11 +13,13 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from machinepy import console as consolemod
+from machinepy import notify as notifymod
 from machinepy.spawn import Spawned, SpawnError, child_config, spawn, write_id_maps
 from machinepy.spec import ContainerSpec
 
@@ -51,6 +53,7 @@ class Container:
     registered: bool = False
     state: str = "starting"
     status: int | None = None
+    status_text: str = ""
     on_state: Callable[[Container], None] | None = field(default=None, repr=False)
 
     def set_state(self, state: str) -> None:
@@ -71,7 +74,8 @@ class Supervisor:
         self.stopping = False
         self.restart = False
         self.relay: consolemod.Relay | None = None
-        self.registration: object | None = None
+        self.ready = asyncio.Event()
+        self.die_with_supervisor = True
 
     # -- signals ----------------------------------------------------------
 
@@ -120,10 +124,13 @@ class Supervisor:
             if self.interactive:
                 pty = consolemod.Pty()
                 stack.callback(pty.close)
+            notify = self._notify_socket(stack) if self.spec.boot else None
             cfg = child_config(
                 self.spec,
                 console=pty.slave if pty else None,
                 console_path=pty.slave_path if pty and self.spec.root else None,
+                notify=notify,
+                die_with_supervisor=self.die_with_supervisor,
             )
             try:
                 self.child = child = spawn(cfg)
@@ -200,6 +207,29 @@ class Supervisor:
         assert res is not None
         return res
 
+    def _notify_socket(self, stack: contextlib.ExitStack | contextlib.AsyncExitStack) -> int:
+        """Our end of the container's NOTIFY_SOCKET: READY=1 tells us it has booted."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        sock.setblocking(False)
+        stack.callback(sock.close)
+        loop = asyncio.get_running_loop()
+
+        def readable() -> None:
+            try:
+                msg = notifymod.parse(sock.recv(4096))
+            except OSError:
+                return
+            if msg.get("READY") == "1" and not self.ready.is_set():
+                self.ready.set()
+                if self.spec.notify_ready:
+                    notifymod.sd_notify("READY=1")
+            if "STATUS" in msg:
+                self.container.status_text = msg["STATUS"]
+
+        loop.add_reader(sock.fileno(), readable)
+        stack.callback(loop.remove_reader, sock.fileno())
+        return sock.fileno()
+
     def _reap(self) -> None:
         if self.child is not None:
             self.child.abort()
@@ -216,7 +246,56 @@ class Supervisor:
     # -- registration and network (host side, before "go") -------------------
 
     async def _setup_network(self, stack: contextlib.AsyncExitStack) -> None:
-        return None
+        self.ifindices: list[int] = []
+        if not self.spec.netifs and not self.spec.addresses and not self.spec.routes:
+            return
+        from machinepy import network
+
+        assert self.child is not None
+        try:
+            links = await network.setup(self.spec, self.child.leader)
+        except network.NetworkError as e:
+            raise SpawnError(str(e)) from None
+        stack.push_async_callback(links.teardown)
+        self.ifindices = links.host_ifindices
 
     async def _register(self, stack: contextlib.AsyncExitStack) -> str | None:
-        return None
+        """Scope + machined registration; returns the propagation dir for `machinectl bind`."""
+        if not self.spec.register:
+            return None
+        from machinepy import machined
+
+        if not machined.system_bus_available() or not machined.systemd_booted():
+            warn("no systemd system bus; not registering with systemd-machined")
+            return None
+        c = self.container
+        try:
+            reg = await machined.MachineRegistration.connect()
+        except machined.RegistrationUnavailable as e:
+            warn(f"not registering with systemd-machined: {e}")
+            return None
+        stack.push_async_callback(reg.close)
+        try:
+            c.unit = await reg.register(
+                name=c.name, machine_id=self.spec.machine_id, leader=c.leader,
+                root_directory=self.spec.root or "/", ifindices=self.ifindices,
+                properties=self.spec.properties)
+        except machined.RegistrationError as e:
+            raise SpawnError(f"registering machine '{c.name}': {e}") from None
+        stack.push_async_callback(self._unregister, reg)
+        c.registered = True
+        if self.spec.root is None:
+            return None
+        propagate = os.path.join(PROPAGATE_DIR, c.name)
+        os.makedirs(propagate, exist_ok=True)
+        stack.callback(self._remove_propagate, propagate)
+        return propagate
+
+    async def _unregister(self, reg: object) -> None:
+        await reg.unregister()  # type: ignore[attr-defined]
+        self.container.registered = False
+
+    @staticmethod
+    def _remove_propagate(path: str) -> None:
+        with contextlib.suppress(OSError):
+            os.rmdir(path)
