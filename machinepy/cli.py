@@ -179,6 +179,34 @@ def _run(spec: ContainerSpec) -> int:
     return asyncio.run(main())
 
 
+def _run_detached(spec: ContainerSpec) -> int:
+    """Start the container under a background supervisor; print its name."""
+    import asyncio
+
+    from machinepy.attach import daemonize
+    from machinepy.supervisor import Container, Supervisor
+
+    report = daemonize()  # the foreground process exits inside, with the report
+    assert report is not None
+    fd = report[0]
+
+    def send(line: str) -> None:
+        nonlocal fd
+        if fd >= 0:
+            os.write(fd, line.encode() + b"\n")
+            os.close(fd)
+            fd = -1
+
+    def started(c: Container) -> None:
+        send(f"OK {c.name}")
+
+    async def main() -> int:
+        sup = Supervisor(spec, on_error=lambda msg: send(f"ERR {msg}"), on_started=started)
+        return await sup.run()
+
+    return asyncio.run(main())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -192,9 +220,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verb is None:
             raise UsageError("no command given (try 'machinepy run --help')")
         if args.verb == "run" and args.attach:
-            raise UsageError("--attach needs the machinepy daemon (not yet available)")
-        if args.detach:
-            raise UsageError("--detach needs the machinepy daemon (not yet available)")
+            from machinepy.attach import attach
+
+            return attach(args.attach)
         spec = validate(spec_from_args(args))
     except (UsageError, SpecError) as e:
         print(f"machinepy: {e}", file=sys.stderr)
@@ -203,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("machinepy: must be run as root (or with --user-map for a user namespace)",
               file=sys.stderr)
         return 2
-    return _run(spec)
+    return _run_detached(spec) if spec.detach else _run(spec)
 
 
 if __name__ == "__main__":

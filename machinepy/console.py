@@ -147,29 +147,39 @@ class _Pipe:
 
 
 class Relay:
-    """Raw-mode relay between the user's terminal (0/1) and a pty master."""
+    """Relay between our stdio and a pty master.
 
-    def __init__(self, master: int, on_escape: Callable[[], None]) -> None:
+    Interactive: raw mode, both directions, ^]^]^] within a second calls
+    ON_ESCAPE.  Otherwise (a booted container whose stdio are pipes): the
+    console's output only, as nspawn's --console=read-only.
+    """
+
+    def __init__(self, master: int, on_escape: Callable[[], None], *,
+                 interactive: bool = True, out_fd: int = 1) -> None:
         self.master = master
         self.on_escape = on_escape
+        self.interactive = interactive
         self.presses: list[float] = []
         self.saved: list[object] | None = None
         self.loop = asyncio.get_running_loop()
         self.inp = _Pipe(self.loop, 0, master, filter=self._watch_escape)
-        self.out = _Pipe(self.loop, master, 1, on_eio=self._hangup)
-        self._blocking = {fd: os.get_blocking(fd) for fd in (0, 1)}
+        self.out = _Pipe(self.loop, master, out_fd, on_eio=self._hangup)
+        fds = (0, out_fd) if interactive else (out_fd,)
+        self._blocking = {fd: os.get_blocking(fd) for fd in fds}
 
     def start(self) -> None:
-        self.saved = termios.tcgetattr(0)
-        tty.setraw(0)
-        for fd in (0, 1, self.master):
+        if self.interactive:
+            self.saved = termios.tcgetattr(0)
+            tty.setraw(0)
+            copy_winsize(1, self.master)
+            self.inp.start()
+        for fd in (*self._blocking, self.master):
             os.set_blocking(fd, False)
-        copy_winsize(1, self.master)
-        self.inp.start()
         self.out.start()
 
     def resize(self) -> None:
-        copy_winsize(1, self.master)
+        if self.interactive:
+            copy_winsize(1, self.master)
 
     def _watch_escape(self, data: bytes) -> bytes:
         now = time.monotonic()

@@ -17,19 +17,20 @@ import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
 
 from machinepy import console as consolemod
 from machinepy import notify as notifymod
 from machinepy.spawn import Spawned, SpawnError, child_config, spawn, write_id_maps
 from machinepy.spec import ContainerSpec
 
+if TYPE_CHECKING:
+    from machinepy.attach import AttachServer
+
 PROPAGATE_DIR = "/run/systemd/nspawn/propagate"
 STOP_TIMEOUT = 30.0  # seconds between an orderly poweroff request and SIGKILL
 
-# systemd's requests: poweroff, reboot, halt (sent to PID 1 of a booted container)
-SIGRTMIN = signal.SIGRTMIN
-SIG_POWEROFF = SIGRTMIN + 4
-SIG_HALT = SIGRTMIN + 3
+SIG_HALT = signal.SIGRTMIN + 3  # what nspawn sends a booted container on SIGTERM
 
 
 def warn(msg: str) -> None:
@@ -62,45 +63,67 @@ class Container:
             self.on_state(self)
 
 
+ConsoleMode = Literal["interactive", "passive", "pipe", "detached"]
+
+
+def default_console_mode(spec: ContainerSpec) -> ConsoleMode:
+    """A pty when we have a terminal; a booted OS always gets one for /dev/console."""
+    if spec.detach:
+        return "detached"
+    if consolemod.interactive():
+        return "interactive"
+    return "passive" if spec.boot else "pipe"
+
+
 class Supervisor:
-    def __init__(self, spec: ContainerSpec, *, interactive: bool | None = None,
-                 stop_timeout: float = STOP_TIMEOUT) -> None:
+    def __init__(self, spec: ContainerSpec, *, console: ConsoleMode | None = None,
+                 stop_timeout: float = STOP_TIMEOUT, die_with_supervisor: bool = True,
+                 on_error: Callable[[str], None] | None = None,
+                 on_started: Callable[[Container], None] | None = None) -> None:
         self.spec = spec
         self.container = Container(spec)
-        self.interactive = consolemod.interactive() if interactive is None else interactive
+        self.console = console or default_console_mode(spec)
         self.stop_timeout = stop_timeout
+        self.die_with_supervisor = die_with_supervisor
+        self.on_error = on_error or (lambda msg: print(f"machinepy: {msg}", file=sys.stderr))
+        self.on_started = on_started
         self.child: Spawned | None = None
-        self.exited = asyncio.Event()
         self.stopping = False
         self.restart = False
         self.relay: consolemod.Relay | None = None
+        self.attach_server: AttachServer | None = None
         self.ready = asyncio.Event()
-        self.die_with_supervisor = True
+        self.ifindices: list[int] = []
 
     # -- signals ----------------------------------------------------------
 
-    def _signal(self, leader: int, sig: int) -> None:
-        try:
-            assert self.child is not None
-            signal.pidfd_send_signal(self.child.pidfd, sig)
-        except (OSError, AssertionError):
-            pass
+    def _signal(self, sig: int) -> None:
+        if self.child is not None and self.child.pidfd >= 0:
+            with contextlib.suppress(OSError):
+                signal.pidfd_send_signal(self.child.pidfd, sig)
+
+    def kill(self, sig: int) -> None:
+        self._signal(sig)
 
     def request_stop(self, sig: int = signal.SIGTERM) -> None:
-        """SIGINT/SIGTERM/SIGHUP to us: forwarded (run) or orderly poweroff (boot)."""
+        """SIGINT/SIGTERM/SIGHUP to us: forwarded (run) or orderly halt (boot).
+
+        A second request kills the container: PID 1 may well ignore the first.
+        """
         if self.child is None:
             return
-        if self.stopping:  # second request: no more patience
-            self._signal(self.child.leader, signal.SIGKILL)
+        if self.stopping:
+            self._signal(signal.SIGKILL)
             return
         self.stopping = True
         if self.spec.boot:
-            self._signal(self.child.leader, SIG_HALT if sig == SIG_HALT else SIG_POWEROFF)
-            asyncio.get_running_loop().call_later(
-                self.stop_timeout, self._signal, self.child.leader, signal.SIGKILL)
+            self._signal(SIG_HALT)
+            asyncio.get_running_loop().call_later(self.stop_timeout, self._signal, signal.SIGKILL)
         else:
-            self.stopping = sig != signal.SIGHUP and sig != signal.SIGINT
-            self._signal(self.child.leader, sig)
+            self._signal(sig)
+
+    def poweroff(self) -> None:
+        self.request_stop(signal.SIGTERM)
 
     # -- main ---------------------------------------------------------------
 
@@ -114,14 +137,16 @@ class Supervisor:
                 if not self.restart or self.stopping:
                     return status
                 self.restart = False
+                self.ready.clear()
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
 
     async def _run_once(self) -> int:
+        c = self.container
         async with contextlib.AsyncExitStack() as stack:
             pty: consolemod.Pty | None = None
-            if self.interactive:
+            if self.console != "pipe":
                 pty = consolemod.Pty()
                 stack.callback(pty.close)
             notify = self._notify_socket(stack) if self.spec.boot else None
@@ -135,12 +160,12 @@ class Supervisor:
             try:
                 self.child = child = spawn(cfg)
             except SpawnError as e:
-                print(f"machinepy: {e}", file=sys.stderr)
+                self.on_error(str(e))
                 return 1
             stack.callback(self._reap)
-            c = self.container
             c.leader = child.leader
-            c.name = self.spec.machine or f"pflask-{child.leader}"
+            # Keep the first name across reboots of a booted container.
+            c.name = c.name or self.spec.machine or f"pflask-{child.leader}"
             if pty is not None:
                 pty.close_slave()
             try:
@@ -148,33 +173,57 @@ class Supervisor:
                 await self._setup_network(stack)
                 propagate = await self._register(stack)
             except SpawnError as e:
-                print(f"machinepy: {e}", file=sys.stderr)
-                child.abort()
+                self.on_error(str(e))
                 return 1
             child.go(propagate)
             if pty is not None:
-                self.relay = consolemod.Relay(pty.master, self.on_escape)
-                self.relay.start()
-                stack.callback(self._stop_relay)
-                loop = asyncio.get_running_loop()
-                loop.add_signal_handler(signal.SIGWINCH, self.relay.resize)
-                stack.callback(loop.remove_signal_handler, signal.SIGWINCH)
+                self._start_console(pty.master, stack)
             setup_error = await self._read_setup_errors(child)
-            c.set_state("running")
+            if not setup_error:
+                c.set_state("running")
+                if self.on_started is not None:
+                    self.on_started(c)
             res = await self._wait_leader(child)
             c.set_state("stopping")
             status = exit_status(res)
             if setup_error:
-                self._stop_relay()
-                print(f"machinepy: {setup_error}", file=sys.stderr)
+                self._stop_console()
+                self.on_error(setup_error)
             if self.spec.boot and res.si_code != os.CLD_EXITED:
+                # reboot(2) in a pid namespace kills its PID 1 with SIGHUP
+                # (restart) or SIGINT (power-off/halt): both are clean exits.
                 if res.si_status == signal.SIGHUP and not self.stopping:
-                    self.restart = True  # reboot(2) in the container's pid namespace
+                    self.restart = True
                 if res.si_status in (signal.SIGINT, signal.SIGHUP):
                     status = 0
             c.status = status
         c.set_state("exited")
         return status
+
+    def _start_console(self, master: int, stack: contextlib.AsyncExitStack) -> None:
+        if self.console == "detached":
+            from machinepy.attach import AttachServer
+
+            self.attach_server = AttachServer(master, [self.container.name,
+                                                       str(self.container.leader)])
+            stack.callback(self._stop_console)
+            return
+        self.relay = consolemod.Relay(master, self.on_escape,
+                                      interactive=self.console == "interactive")
+        self.relay.start()
+        stack.callback(self._stop_console)
+        if self.console == "interactive":
+            loop = asyncio.get_running_loop()
+            loop.add_signal_handler(signal.SIGWINCH, self.relay.resize)
+            stack.callback(loop.remove_signal_handler, signal.SIGWINCH)
+
+    def _stop_console(self) -> None:
+        if self.relay is not None:
+            self.relay.stop()
+            self.relay = None
+        if self.attach_server is not None:
+            self.attach_server.close()
+            self.attach_server = None
 
     # -- pieces -------------------------------------------------------------
 
@@ -235,18 +284,12 @@ class Supervisor:
             self.child.abort()
             self.child = None
 
-    def _stop_relay(self) -> None:
-        if self.relay is not None:
-            self.relay.stop()
-            self.relay = None
-
     def on_escape(self) -> None:
         self.request_stop(signal.SIGTERM)
 
     # -- registration and network (host side, before "go") -------------------
 
     async def _setup_network(self, stack: contextlib.AsyncExitStack) -> None:
-        self.ifindices: list[int] = []
         if not self.spec.netifs and not self.spec.addresses and not self.spec.routes:
             return
         from machinepy import network
