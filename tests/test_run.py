@@ -323,3 +323,57 @@ def test_sigkill_of_machinepy_takes_the_container_along(root: Path | None) -> No
     while Path(f"/proc/{leader}").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not Path(f"/proc/{leader}").exists()
+
+
+# -- detach and attach ------------------------------------------------------------------
+
+def _supervisor_of(name: str) -> int:
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"-d" in argv and name.encode() in argv and b"machinepy" in argv:
+                return int(entry.name)
+    raise AssertionError(f"no detached supervisor for {name}")
+
+
+def test_detach_then_attach(busybox_root: Path) -> None:
+    name = f"detached-{os.getpid()}"
+    r = run("-d", "-r", str(busybox_root), "--machine", name, "--", "/bin/sh", "-c",
+            "while :; do echo tick; sleep 0.2; done")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == name
+    sup = _supervisor_of(name)
+    try:
+        pid, master = pty.fork()
+        if pid == 0:
+            os.execvp(sys.executable, [*MACHINEPY, "run", "-a", name])
+        out = b""
+        deadline = time.monotonic() + 10
+        while b"tick" not in out and time.monotonic() < deadline:
+            if select.select([master], [], [], 0.2)[0]:
+                out += os.read(master, 4096)
+        os.write(master, b"\x1d\x1d\x1d")  # ^] ^] ^]: detach, the container stays
+        _, status = os.waitpid(pid, 0)
+        os.close(master)
+        assert b"tick" in out
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert Path(f"/proc/{sup}").exists()
+        again = run("-a", "no-such-container")
+        assert again.returncode == 1 and "cannot attach" in again.stderr
+    finally:
+        os.kill(sup, signal.SIGTERM)  # forwarded; sh ignores it as PID 1
+        time.sleep(0.2)
+        os.kill(sup, signal.SIGTERM)  # the second one kills
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{sup}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not Path(f"/proc/{sup}").exists()
+
+
+def test_detach_reports_setup_errors(busybox_root: Path) -> None:
+    r = run("-d", "-r", str(busybox_root), "--", "/no/such/binary")
+    assert r.returncode == 1
+    assert r.stderr.strip() == "machinepy: exec /no/such/binary: No such file or directory"

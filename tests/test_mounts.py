@@ -1,0 +1,95 @@
+# SPDX-License-Identifier: BSD-2-Clause
+"""Mount plans (pure) and in-root resolution (needs no root: plain directories)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from machinepy.mounts import (
+    BindMount,
+    FsMount,
+    Overlay,
+    ReadOnly,
+    build_plan,
+    open_in_root,
+)
+from machinepy.spec import ContainerSpec, MountSpec
+
+
+def spec(**kw: object) -> ContainerSpec:
+    return ContainerSpec(command=("/bin/true",)).replace(**kw)
+
+
+def targets(plan: list[object]) -> list[str]:
+    return [getattr(op, "target", getattr(op, "link", "")) for op in plan]
+
+
+def test_chroot_plan_has_api_filesystems_before_user_mounts() -> None:
+    plan = build_plan(spec(root="/r", mounts=(MountSpec("tmp", "/dev/shm/x"),)),
+                      console="/dev/pts/7")
+    t = targets(plan)
+    for api in ("/proc", "/proc/sys", "/sys", "/dev", "/dev/pts", "/dev/null", "/dev/console",
+                "/run", "/tmp", "/sys/fs/cgroup"):
+        assert api in t
+    assert t.index("/dev") < t.index("/dev/null") < t.index("/dev/shm/x")
+    assert ReadOnly("/proc/sys") in plan
+    assert BindMount("/dev/pts/7", "/dev/console", recursive=False) in plan
+    sysfs = next(op for op in plan if isinstance(op, FsMount) and op.fstype == "sysfs")
+    assert sysfs.flags & 1  # MS_RDONLY
+
+
+def test_host_root_plan_only_remounts_proc() -> None:
+    plan = build_plan(spec(mounts=(MountSpec("bind-ro", "/b", "/a"),)))
+    assert plan[0] == BindMount("/a", "/b", read_only=True)
+    assert FsMount("proc", "/proc", plan[1].flags) == plan[1]  # type: ignore[attr-defined]
+    assert "/dev" not in targets(plan)
+
+
+def test_no_cgroup_mount_without_cgroupns() -> None:
+    plan = build_plan(spec(root="/r", namespaces=frozenset({"mount", "pid"})))
+    assert "/sys/fs/cgroup" not in targets(plan)
+    assert "/dev/mqueue" not in targets(plan)
+
+
+def test_overlay_spec_becomes_overlay_op() -> None:
+    plan = build_plan(spec(root="/r", mounts=(MountSpec("overlay", "/usr", "/up", "/wk"),)))
+    assert plan[-1] == Overlay("/up", "/usr", "/wk")
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "abs").symlink_to("/../../etc")
+    (tmp_path / "rel").symlink_to("../../../../etc")
+    (tmp_path / "dangling").symlink_to("/var/lib/new")
+    return tmp_path
+
+
+def _real(fd: int) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("path", ["/abs/x", "/rel/x", "/etc/x", "/abs/../../etc/x"])
+def test_open_in_root_never_leaves_the_root(root: Path, path: str) -> None:
+    rfd = os.open(root, os.O_PATH | os.O_DIRECTORY)
+    try:
+        assert _real(open_in_root(rfd, path, "dir")) == f"{root}/etc/x"
+    finally:
+        os.close(rfd)
+
+
+def test_open_in_root_follows_dangling_links_inside(root: Path) -> None:
+    rfd = os.open(root, os.O_PATH | os.O_DIRECTORY)
+    try:
+        assert _real(open_in_root(rfd, "/dangling/f", "file")) == f"{root}/var/lib/new/f"
+        assert (root / "var/lib/new/f").is_file()
+        with pytest.raises(FileNotFoundError):
+            open_in_root(rfd, "/missing")
+    finally:
+        os.close(rfd)
