@@ -10,14 +10,15 @@ draining the console, and resumes when the client hangs up (^]^]^]).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
+import signal
 import socket
 import struct
 import sys
 
 from machinepy import console as consolemod
+from machinepy.loop import LoopLike, MiniLoop
 
 GREETING = b"machinepy-console\n"
 
@@ -27,9 +28,9 @@ def socket_address(key: str) -> str:
 
 
 class AttachServer:
-    def __init__(self, master: int, keys: list[str]) -> None:
+    def __init__(self, loop: LoopLike, master: int, keys: list[str]) -> None:
         self.master = master
-        self.loop = asyncio.get_running_loop()
+        self.loop = loop
         self.socks: list[socket.socket] = []
         for key in keys:
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -104,27 +105,28 @@ class AttachServer:
             self.client = None
 
 
-async def _relay(master: int, conn: socket.socket) -> None:
-    loop = asyncio.get_running_loop()
+async def _relay(loop: MiniLoop, master: int, conn: socket.socket) -> None:
     done = loop.create_future()
 
     def finish() -> None:
-        if not done.done():
-            done.set_result(None)
+        done.set_result(None)
 
-    relay = consolemod.Relay(master, finish, interactive=os.isatty(0))
+    def check_closed() -> None:
+        if relay.out.closed:
+            finish()
+        elif not done.done():
+            loop.call_later(0.2, check_closed)
+
+    relay = consolemod.Relay(loop, master, finish, interactive=os.isatty(0))
     relay.start()
     # The supervisor closes our connection when the container is gone.
     loop.add_reader(conn.fileno(), finish)
-    resize = relay.resize
-    loop.add_signal_handler(28, resize)  # SIGWINCH
+    loop.add_signal_handler(signal.SIGWINCH, relay.resize)
+    check_closed()
     try:
-        while not done.done():
-            await asyncio.wait([done], timeout=0.2)
-            if relay.out.closed:
-                finish()
+        await done
     finally:
-        loop.remove_signal_handler(28)
+        loop.remove_signal_handler(signal.SIGWINCH)
         loop.remove_reader(conn.fileno())
         relay.stop()
 
@@ -145,7 +147,8 @@ def attach(key: str) -> int:
     master = fds[0]
     print(f"Attached to {key}. Press ^] three times within 1s to detach.", file=sys.stderr)
     try:
-        asyncio.run(_relay(master, conn))
+        loop = MiniLoop()
+        loop.run(_relay(loop, master, conn))
     finally:
         os.close(master)
         conn.close()

@@ -25,8 +25,7 @@ import socket
 import struct
 import termios
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import NoReturn
+from typing import NamedTuple, NoReturn
 
 from machinepy import linux
 from machinepy.mounts import O_PATH, MountOp, open_in_root, propagation_ops
@@ -47,8 +46,7 @@ _RESET_SIGNALS = (
 )
 
 
-@dataclass(frozen=True)
-class ChildConfig:
+class ChildConfig(NamedTuple):
     """All the child needs, computed before fork so the child only makes syscalls."""
 
     unshare_flags: int
@@ -65,7 +63,7 @@ class ChildConfig:
     cgroupns: bool = True  # unshared after "go", once the leader sits in its scope
     console: int | None = None  # pty slave fd: becomes the controlling tty and 0-2
     caps_drop: Sequence[int] = ()
-    keep_fds: Sequence[int] = field(default_factory=tuple)
+    keep_fds: Sequence[int] = ()
     notify: int | None = None  # datagram socket bound at /run/host/notify inside
     supervisor: int = 0  # pid whose death kills the container (0: outlive it, for the daemon)
 

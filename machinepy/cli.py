@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from machinepy.spec import (
     NAMESPACES,
@@ -168,25 +168,39 @@ def spec_from_args(args: argparse.Namespace) -> ContainerSpec:
     )
 
 
-def _run(spec: ContainerSpec) -> int:
-    import asyncio
+def _needs_asyncio(spec: ContainerSpec) -> bool:
+    """D-Bus (dbus-fast) and netlink (pyroute2) need asyncio; nothing else does."""
+    if spec.netifs or spec.addresses or spec.routes:
+        return True
+    if not spec.register:
+        return False
+    from machinepy.machined import system_bus_available, systemd_booted
 
+    return system_bus_available() and systemd_booted()
+
+
+def _supervise(spec: ContainerSpec, **kw: Any) -> int:
     from machinepy.supervisor import Supervisor
 
-    async def main() -> int:
-        return await Supervisor(spec).run()
+    if _needs_asyncio(spec):
+        import asyncio
 
-    return asyncio.run(main())
+        async def main() -> int:
+            return await Supervisor(spec, **kw).run()
+
+        return asyncio.run(main())
+    from machinepy.loop import MiniLoop
+
+    loop = MiniLoop()
+    status: int = loop.run(Supervisor(spec, loop=loop, **kw).run())
+    return status
 
 
 def _run_detached(spec: ContainerSpec) -> int:
     """Start the container under a background supervisor; print its name."""
-    import asyncio
-
     from machinepy.attach import daemonize
-    from machinepy.supervisor import Container, Supervisor
 
-    report = daemonize()  # the foreground process exits inside, with the report
+    report = daemonize()  # the foreground process exits in there, with the report
     assert report is not None
     fd = report[0]
 
@@ -197,14 +211,8 @@ def _run_detached(spec: ContainerSpec) -> int:
             os.close(fd)
             fd = -1
 
-    def started(c: Container) -> None:
-        send(f"OK {c.name}")
-
-    async def main() -> int:
-        sup = Supervisor(spec, on_error=lambda msg: send(f"ERR {msg}"), on_started=started)
-        return await sup.run()
-
-    return asyncio.run(main())
+    return _supervise(spec, on_error=lambda msg: send(f"ERR {msg}"),
+                      on_started=lambda c: send(f"OK {c.name}"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -231,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("machinepy: must be run as root (or with --user-map for a user namespace)",
               file=sys.stderr)
         return 2
-    return _run_detached(spec) if spec.detach else _run(spec)
+    return _run_detached(spec) if spec.detach else _supervise(spec)
 
 
 if __name__ == "__main__":

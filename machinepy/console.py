@@ -7,7 +7,6 @@ inherits fds 0-2 (pipes, files, CI) and nothing is relayed.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import fcntl
@@ -17,6 +16,8 @@ import termios
 import time
 import tty
 from collections.abc import Callable
+
+from machinepy.loop import LoopLike
 
 ESCAPE = 0x1D  # ^]
 ESCAPE_COUNT = 3
@@ -58,7 +59,7 @@ class Pty:
 class _Pipe:
     """Non-blocking one-way copy with a bounded buffer."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, src: int, dst: int,
+    def __init__(self, loop: LoopLike, src: int, dst: int,
                  filter: Callable[[bytes], bytes] | None = None,
                  on_eio: Callable[[], None] | None = None) -> None:
         self.loop, self.src, self.dst = loop, src, dst
@@ -154,14 +155,14 @@ class Relay:
     console's output only, as nspawn's --console=read-only.
     """
 
-    def __init__(self, master: int, on_escape: Callable[[], None], *,
+    def __init__(self, loop: LoopLike, master: int, on_escape: Callable[[], None], *,
                  interactive: bool = True, out_fd: int = 1) -> None:
         self.master = master
         self.on_escape = on_escape
         self.interactive = interactive
         self.presses: list[float] = []
         self.saved: list[object] | None = None
-        self.loop = asyncio.get_running_loop()
+        self.loop = loop
         self.inp = _Pipe(self.loop, 0, master, filter=self._watch_escape)
         self.out = _Pipe(self.loop, master, out_fd, on_eio=self._hangup)
         fds = (0, out_fd) if interactive else (out_fd,)

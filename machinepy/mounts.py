@@ -13,8 +13,7 @@ import os
 import posixpath
 import stat
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, NamedTuple, Protocol
 
 from machinepy import linux
 from machinepy.linux import (
@@ -112,8 +111,7 @@ def _remount_ro(root_fd: int, target: str) -> None:
         os.close(fd)
 
 
-@dataclass(frozen=True)
-class FsMount:
+class FsMount(NamedTuple):
     """Mount a fresh filesystem instance (tmpfs, proc, sysfs, devpts, …)."""
 
     fstype: str
@@ -127,8 +125,7 @@ class FsMount:
                   self.flags, self.data)
 
 
-@dataclass(frozen=True)
-class BindMount:
+class BindMount(NamedTuple):
     """Bind a host path (resolved on the host) to a container path."""
 
     source: str
@@ -152,8 +149,7 @@ class BindMount:
             _remount_ro(root_fd, self.target)
 
 
-@dataclass(frozen=True)
-class ReadOnly:
+class ReadOnly(NamedTuple):
     """Make an existing container path read-only by binding it onto itself."""
 
     target: str
@@ -173,8 +169,7 @@ class ReadOnly:
         _remount_ro(root_fd, self.target)
 
 
-@dataclass(frozen=True)
-class Slave:
+class Slave(NamedTuple):
     """Receive the host's mount events below TARGET (machinectl bind)."""
 
     target: str
@@ -187,8 +182,7 @@ class Slave:
             os.close(fd)
 
 
-@dataclass(frozen=True)
-class Symlink:
+class Symlink(NamedTuple):
     target: str  # what the link points to
     link: str  # container path of the link
 
@@ -203,8 +197,7 @@ class Symlink:
             os.close(pfd)
 
 
-@dataclass(frozen=True)
-class Overlay:
+class Overlay(NamedTuple):
     """pflask's overlay: UPPER stacked on the container's DEST (lower), WORK beside UPPER."""
 
     upper: str

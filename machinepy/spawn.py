@@ -8,7 +8,6 @@ import os
 import signal
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 from machinepy import linux, mounts
 from machinepy.caps import bounding_drop
@@ -85,12 +84,16 @@ class SpawnError(Exception):
     """The container could not be started; the message is one line."""
 
 
-@dataclass
 class Spawned:
-    leader: int
-    pidfd: int
-    status_r: int  # ERR lines from PID 1 until exec; EOF on exec
-    go_w: int
+    """The container's PID 1, waiting for go (see child.py)."""
+
+    __slots__ = ("go_w", "leader", "pidfd", "status_r")
+
+    def __init__(self, leader: int, pidfd: int, status_r: int, go_w: int) -> None:
+        self.leader = leader
+        self.pidfd = pidfd
+        self.status_r = status_r  # ERR lines from PID 1 until exec; EOF on exec
+        self.go_w = go_w
 
     def go(self, propagate: str | None = None) -> None:
         msg = b"go" + (b" " + os.fsencode(propagate) if propagate else b"")

@@ -7,16 +7,15 @@ look-ups).  Nothing is created, so bad input never leaves anything behind.
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import os
 import re
-import uuid
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 if TYPE_CHECKING:
+    import uuid
+
     from machinepy.unitprops import UnitProperty
 
 
@@ -62,8 +61,7 @@ def _absolute(path: str, what: str, spec: str) -> str:
 MountKind = Literal["bind", "bind-ro", "tmp", "overlay"]
 
 
-@dataclass(frozen=True)
-class MountSpec:
+class MountSpec(NamedTuple):
     kind: MountKind
     dest: str
     source: str | None = None  # host path (bind) or upper dir (overlay)
@@ -101,8 +99,7 @@ NetifKind = Literal["move", "macvlan", "ipvlan", "veth", "bridge"]
 IFNAME_RE = re.compile(r"^[^/:\s]{1,15}$")
 
 
-@dataclass(frozen=True)
-class NetifSpec:
+class NetifSpec(NamedTuple):
     kind: NetifKind
     host: str  # moved device, master, outside veth end, or bridge
     inside: str  # name inside the container
@@ -127,8 +124,7 @@ def parse_netif(spec: str) -> NetifSpec:
     )
 
 
-@dataclass(frozen=True)
-class NetifAddress:
+class NetifAddress(NamedTuple):
     ifname: str
     address: ipaddress.IPv4Interface | ipaddress.IPv6Interface
 
@@ -144,8 +140,7 @@ def parse_netif_address(spec: str) -> NetifAddress:
     return NetifAddress(_ifname(name, spec), iface)
 
 
-@dataclass(frozen=True)
-class NetifRoute:
+class NetifRoute(NamedTuple):
     ifname: str
     dest: ipaddress.IPv4Network | ipaddress.IPv6Network | None  # None: default route
     gateway: ipaddress.IPv4Address | ipaddress.IPv6Address | None
@@ -176,8 +171,7 @@ def parse_netif_route(spec: str) -> NetifRoute:
 # User namespace maps
 
 
-@dataclass(frozen=True)
-class IdMap:
+class IdMap(NamedTuple):
     inside: int
     outside: int
     count: int
@@ -260,8 +254,7 @@ NAMESPACES = ("mount", "pid", "ipc", "uts", "net", "user", "cgroup")
 Namespace = Literal["mount", "pid", "ipc", "uts", "net", "user", "cgroup"]
 
 
-@dataclass(frozen=True)
-class ContainerSpec:
+class ContainerSpec(NamedTuple):
     command: tuple[str, ...]
     root: str | None = None  # None: the host root
     chdir: str | None = None
@@ -283,10 +276,10 @@ class ContainerSpec:
     register: bool = True
     properties: tuple[UnitProperty, ...] = ()
     notify_ready: bool = False
-    machine_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    machine_id: uuid.UUID | None = None  # None: a random one, made when needed
 
     def replace(self, **changes: object) -> ContainerSpec:
-        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+        return self._replace(**changes)
 
 
 def validate(spec: ContainerSpec) -> ContainerSpec:
@@ -341,8 +334,7 @@ def validate(spec: ContainerSpec) -> ContainerSpec:
 # Users, looked up in the container's own passwd when it has a root
 
 
-@dataclass(frozen=True)
-class Passwd:
+class Passwd(NamedTuple):
     name: str
     uid: int
     gid: int

@@ -1,26 +1,26 @@
 # SPDX-License-Identifier: BSD-2-Clause
-"""The asyncio supervisor of one container.
+"""The event-driven supervisor of one container.
 
 It owns every host-side resource of the container and an exit stack that
 releases them on every path: normal exit, setup error, signals, and the leader
 dying under it (SIGKILL, `machinectl terminate`).  The leader is watched with a
-pidfd, so an idle container costs no wake-ups.
+pidfd, so an idle container costs no wake-ups.  It runs on an asyncio loop,
+or on machinepy.loop.MiniLoop when no D-Bus or netlink is involved.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import signal
 import socket
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from machinepy import console as consolemod
 from machinepy import notify as notifymod
+from machinepy.loop import LoopLike
 from machinepy.spawn import Spawned, SpawnError, child_config, spawn, write_id_maps
 from machinepy.spec import ContainerSpec
 
@@ -33,6 +33,18 @@ STOP_TIMEOUT = 30.0  # seconds between an orderly poweroff request and SIGKILL
 SIG_HALT = signal.SIGRTMIN + 3  # what nspawn sends a booted container on SIGTERM
 
 
+def _asyncio_loop() -> LoopLike:
+    import asyncio
+
+    return asyncio.get_running_loop()
+
+
+def with_machine_id(spec: ContainerSpec) -> ContainerSpec:
+    import uuid  # not on the plain `run` path: it drags in platform
+
+    return spec.replace(machine_id=uuid.uuid4())
+
+
 def warn(msg: str) -> None:
     print(f"machinepy: warning: {msg}", file=sys.stderr, flush=True)
 
@@ -43,19 +55,19 @@ def exit_status(res: os.waitid_result) -> int:
     return 128 + res.si_status
 
 
-@dataclass
 class Container:
-    """A container as the supervisor sees it."""
+    """A container as the supervisor sees it (what the D-Bus service shows)."""
 
-    spec: ContainerSpec
-    name: str = ""
-    leader: int = 0
-    unit: str | None = None
-    registered: bool = False
-    state: str = "starting"
-    status: int | None = None
-    status_text: str = ""
-    on_state: Callable[[Container], None] | None = field(default=None, repr=False)
+    def __init__(self, spec: ContainerSpec) -> None:
+        self.spec = spec
+        self.name = ""
+        self.leader = 0
+        self.unit: str | None = None
+        self.registered = False
+        self.state = "starting"
+        self.status: int | None = None
+        self.status_text = ""
+        self.on_state: Callable[[Container], None] | None = None
 
     def set_state(self, state: str) -> None:
         self.state = state
@@ -79,7 +91,10 @@ class Supervisor:
     def __init__(self, spec: ContainerSpec, *, console: ConsoleMode | None = None,
                  stop_timeout: float = STOP_TIMEOUT, die_with_supervisor: bool = True,
                  on_error: Callable[[str], None] | None = None,
-                 on_started: Callable[[Container], None] | None = None) -> None:
+                 on_started: Callable[[Container], None] | None = None,
+                 loop: LoopLike | None = None) -> None:
+        if spec.machine_id is None and spec.boot:
+            spec = with_machine_id(spec)  # container_uuid, and machined's id
         self.spec = spec
         self.container = Container(spec)
         self.console = console or default_console_mode(spec)
@@ -92,7 +107,9 @@ class Supervisor:
         self.restart = False
         self.relay: consolemod.Relay | None = None
         self.attach_server: AttachServer | None = None
-        self.ready = asyncio.Event()
+        self.loop: LoopLike = loop if loop is not None else _asyncio_loop()
+        self.is_ready = False
+        self._ready_waiters: list[Any] = []
         self.ifindices: list[int] = []
 
     # -- signals ----------------------------------------------------------
@@ -118,7 +135,7 @@ class Supervisor:
         self.stopping = True
         if self.spec.boot:
             self._signal(SIG_HALT)
-            asyncio.get_running_loop().call_later(self.stop_timeout, self._signal, signal.SIGKILL)
+            self.loop.call_later(self.stop_timeout, self._signal, signal.SIGKILL)
         else:
             self._signal(sig)
 
@@ -128,7 +145,7 @@ class Supervisor:
     # -- main ---------------------------------------------------------------
 
     async def run(self) -> int:
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.add_signal_handler(sig, self.request_stop, sig)
         try:
@@ -137,7 +154,7 @@ class Supervisor:
                 if not self.restart or self.stopping:
                     return status
                 self.restart = False
-                self.ready.clear()
+                self.is_ready = False
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
@@ -181,6 +198,8 @@ class Supervisor:
             setup_error = await self._read_setup_errors(child)
             if not setup_error:
                 c.set_state("running")
+                if not self.spec.boot:
+                    self._set_ready()
                 if self.on_started is not None:
                     self.on_started(c)
             res = await self._wait_leader(child)
@@ -204,16 +223,16 @@ class Supervisor:
         if self.console == "detached":
             from machinepy.attach import AttachServer
 
-            self.attach_server = AttachServer(master, [self.container.name,
+            self.attach_server = AttachServer(self.loop, master, [self.container.name,
                                                        str(self.container.leader)])
             stack.callback(self._stop_console)
             return
-        self.relay = consolemod.Relay(master, self.on_escape,
+        self.relay = consolemod.Relay(self.loop, master, self.on_escape,
                                       interactive=self.console == "interactive")
         self.relay.start()
         stack.callback(self._stop_console)
         if self.console == "interactive":
-            loop = asyncio.get_running_loop()
+            loop = self.loop
             loop.add_signal_handler(signal.SIGWINCH, self.relay.resize)
             stack.callback(loop.remove_signal_handler, signal.SIGWINCH)
 
@@ -229,8 +248,8 @@ class Supervisor:
 
     async def _read_setup_errors(self, child: Spawned) -> str:
         """PID 1 reports a failure before exec as a line; exec closes the pipe."""
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[bytes] = loop.create_future()
+        loop = self.loop
+        fut = loop.create_future()
         data = bytearray()
 
         def readable() -> None:
@@ -245,8 +264,8 @@ class Supervisor:
         return raw.decode(errors="replace").strip().removeprefix("ERR ")
 
     async def _wait_leader(self, child: Spawned) -> os.waitid_result:
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[None] = loop.create_future()
+        loop = self.loop
+        fut = loop.create_future()
         loop.add_reader(child.pidfd, fut.set_result, None)
         try:
             await fut
@@ -261,15 +280,15 @@ class Supervisor:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         sock.setblocking(False)
         stack.callback(sock.close)
-        loop = asyncio.get_running_loop()
+        loop = self.loop
 
         def readable() -> None:
             try:
                 msg = notifymod.parse(sock.recv(4096))
             except OSError:
                 return
-            if msg.get("READY") == "1" and not self.ready.is_set():
-                self.ready.set()
+            if msg.get("READY") == "1" and not self.is_ready:
+                self._set_ready()
                 if self.spec.notify_ready:
                     notifymod.sd_notify("READY=1")
             if "STATUS" in msg:
@@ -278,6 +297,19 @@ class Supervisor:
         loop.add_reader(sock.fileno(), readable)
         stack.callback(loop.remove_reader, sock.fileno())
         return sock.fileno()
+
+    def _set_ready(self) -> None:
+        self.is_ready = True
+        waiters, self._ready_waiters = self._ready_waiters, []
+        for fut in waiters:
+            fut.set_result(None)
+
+    async def wait_ready(self) -> None:
+        """Booted: READY=1 from its init.  Run: the command was exec'd."""
+        if not self.is_ready:
+            fut = self.loop.create_future()
+            self._ready_waiters.append(fut)
+            await fut
 
     def _reap(self) -> None:
         if self.child is not None:
@@ -312,6 +344,8 @@ class Supervisor:
             warn("no systemd system bus; not registering with systemd-machined")
             return None
         c = self.container
+        if self.spec.machine_id is None:
+            self.spec = c.spec = with_machine_id(self.spec)
         try:
             reg = await machined.MachineRegistration.connect()
         except machined.RegistrationUnavailable as e:
