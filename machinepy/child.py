@@ -132,6 +132,9 @@ def container_init(cfg: ChildConfig, status_w: int, go_r: int) -> NoReturn:
             plan += propagation_ops(os.fsdecode(go[1]))
         _close_fds(keep=(status_w, *(fd for fd in (cfg.console, cfg.notify) if fd is not None),
                          *cfg.keep_fds))
+        if cfg.unshare_flags & linux.CLONE_NEWUSER:
+            # Our host uid is unmapped in the new namespace until we become its root.
+            _step("become root in the user namespace", _become_ns_root)
         if cfg.cgroupns:
             _step("unshare cgroup namespace", linux.unshare, linux.CLONE_NEWCGROUP)
         if cfg.unshare_flags & linux.CLONE_NEWNET:
@@ -164,6 +167,12 @@ def _step(what: str, fn: object, *args: object) -> None:
         fn(*args)  # type: ignore[operator]
     except OSError as e:
         raise ChildError(what, e) from None
+
+
+def _become_ns_root() -> None:
+    os.setresgid(0, 0, 0)
+    os.setgroups([])
+    os.setresuid(0, 0, 0)
 
 
 def _loopback_up() -> None:

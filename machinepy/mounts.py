@@ -125,6 +125,20 @@ class FsMount(NamedTuple):
                   self.flags, self.data)
 
 
+class Sysfs(NamedTuple):
+    """A read-only sysfs; in a user namespace without its own network namespace
+    the kernel refuses a new instance, so bind the host's read-only instead."""
+
+    target: str = "/sys"
+
+    def apply(self, root_fd: int) -> None:
+        try:
+            _mount_at(root_fd, self.target, "dir", "sysfs", "sysfs",
+                      NOSUID_NODEV_NOEXEC | MS_RDONLY, None)
+        except PermissionError:
+            BindMount("/sys", self.target, read_only=True).apply(root_fd)
+
+
 class BindMount(NamedTuple):
     """Bind a host path (resolved on the host) to a container path."""
 
@@ -245,7 +259,7 @@ def api_mount_ops(spec: ContainerSpec, console: str | None = None) -> list[Mount
         FsMount("proc", "/proc", NOSUID_NODEV_NOEXEC),
         ReadOnly("/proc/sys"),
         ReadOnly("/proc/sysrq-trigger", optional=True),
-        FsMount("sysfs", "/sys", NOSUID_NODEV_NOEXEC | MS_RDONLY),
+        Sysfs(),
         FsMount("tmpfs", "/dev", MS_NOSUID | MS_STRICTATIME, "mode=755,size=4m"),
     ]
     ops += [BindMount(f"/dev/{d}", f"/dev/{d}", recursive=False) for d in DEVICES]
@@ -284,7 +298,7 @@ def host_root_ops(spec: ContainerSpec) -> list[MountOp]:
         ops += [FsMount("proc", "/proc", NOSUID_NODEV_NOEXEC), ReadOnly("/proc/sys")]
     if "net" in spec.namespaces:
         # /sys/class/net must show the container's interfaces, not the host's.
-        ops.append(FsMount("sysfs", "/sys", NOSUID_NODEV_NOEXEC | MS_RDONLY))
+        ops.append(Sysfs())
     return ops
 
 

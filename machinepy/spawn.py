@@ -160,8 +160,26 @@ def spawn(cfg: ChildConfig) -> Spawned:
 
 
 def write_id_maps(leader: int, spec: ContainerSpec) -> None:
-    """uid/gid maps of the container's user namespace (as root: through /proc)."""
+    """uid/gid maps of the container's user namespace.
+
+    Root writes /proc/PID/{u,g}id_map itself (newuidmap would refuse ranges not
+    in /etc/subuid — pflask's bug); other users go through the setuid helpers,
+    which check /etc/subuid and /etc/subgid.
+    """
     if "user" not in spec.namespaces:
+        return
+    if os.geteuid() != 0:
+        import subprocess
+
+        args = [str(n) for m in spec.user_maps for n in (m.inside, m.outside, m.count)]
+        for tool in ("newuidmap", "newgidmap"):
+            try:
+                r = subprocess.run([tool, str(leader), *args], capture_output=True, text=True)
+            except FileNotFoundError:
+                raise SpawnError(f"{tool} not found (install the uidmap package)") from None
+            if r.returncode != 0:
+                msg = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "failed"
+                raise SpawnError(f"{tool}: {msg}")
         return
     text = "".join(f"{m.inside} {m.outside} {m.count}\n" for m in spec.user_maps)
     for name in ("uid_map", "gid_map"):

@@ -1,0 +1,308 @@
+# SPDX-License-Identifier: BSD-2-Clause
+"""machinepy against a real systemd, dbus-daemon and systemd-machined.
+
+Everything is driven the way a user would: `machinepy boot/run` started inside
+the test host, then the real `machinectl`, `systemctl` and `busctl`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+MACHINEPY = [sys.executable, "-m", "machinepy"]
+
+
+def wait_for(predicate: Any, timeout: float = 30, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Machine:
+    """A machinepy process inside the test host, and helpers to look at it."""
+
+    def __init__(self, host: Any, name: str, argv: list[str]) -> None:
+        self.host, self.name = host, name
+        self.proc: subprocess.Popen[str] = host.popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def show(self) -> dict[str, str]:
+        r = self.host.run(["machinectl", "show", self.name])
+        if r.returncode != 0:
+            return {}
+        return dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line)
+
+    def shell(self, script: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        return self.host.run(
+            ["machinectl", "shell", "-q", self.name, "/bin/sh", "-c", script], timeout=timeout
+        )
+
+    def wait_booted(self, timeout: float = 60) -> None:
+        def booted() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(
+                    f"machinepy exited {self.proc.returncode}: "
+                    f"{self.proc.stderr.read() if self.proc.stderr else ''}"
+                )
+            if not self.show():
+                return False
+            r = self.shell("systemctl is-system-running", timeout=10)
+            return r.stdout.strip() in ("running", "degraded")
+
+        wait_for(booted, timeout, f"{self.name} to boot")
+
+    def wait_exit(self, timeout: float = 60) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def listed(host: Any) -> str:
+    return host.run(["machinectl", "list", "--no-legend"]).stdout
+
+
+def scopes(host: Any) -> str:
+    return host.run(["systemctl", "list-units", "--all", "--no-legend", "machine-*"]).stdout
+
+
+def mountpoints(host: Any) -> set[str]:
+    info = host.run(["cat", "/proc/self/mountinfo"]).stdout
+    return {line.split()[4] for line in info.splitlines()}
+
+
+@pytest.fixture(autouse=True)
+def host_mounts(testhost: Any) -> set[str]:
+    """The test host's mount points before the test: all must be as before after it."""
+    return mountpoints(testhost)
+
+
+def assert_nothing_left(host: Any, name: str, before: set[str]) -> None:
+    wait_for(lambda: name not in listed(host), 15, f"{name} to leave machinectl list")
+    wait_for(lambda: "machine-" not in scopes(host), 15, "machine scopes to go")
+    assert mountpoints(host) == before
+    assert host.run(["test", "-e", f"/run/systemd/nspawn/propagate/{name}"]).returncode != 0
+
+
+@pytest.fixture
+def boot(testhost: Any, debian_rootfs: Path) -> Iterator[Any]:
+    machines: list[Machine] = []
+
+    def start(name: str, *opts: str) -> Machine:
+        m = Machine(
+            testhost,
+            name,
+            [*MACHINEPY, "boot", str(debian_rootfs), "--machine", name, "--ephemeral", *opts],
+        )
+        machines.append(m)
+        m.wait_booted()
+        return m
+
+    yield start
+    for m in machines:
+        m.kill()
+        testhost.run(["machinectl", "terminate", m.name])
+
+
+def test_boot_shows_in_machinectl_and_powers_off(
+    testhost: Any, host_mounts: set[str], boot: Any, debian_rootfs: Path
+) -> None:
+    m = boot("deb-poweroff")
+    props = m.show()
+    assert props["Class"] == "container"
+    assert props["Service"] == "machinepy"
+    assert props["RootDirectory"] == str(debian_rootfs)
+    assert props["Unit"] == r"machine-deb\x2dpoweroff.scope"
+    leader = int(props["Leader"])
+    assert "deb-poweroff" in listed(testhost)
+    # The supervisor stays outside the scope; the leader is inside.
+    cgroup = testhost.run(["cat", f"/proc/{leader}/cgroup"]).stdout
+    assert "machine.slice/machine-deb" in cgroup
+    r = m.shell("echo inside $(cat /proc/1/comm) $container")
+    assert r.stdout.split() == ["inside", "systemd", "machinepy"]
+    assert testhost.run(["machinectl", "poweroff", "deb-poweroff"]).returncode == 0
+    assert m.wait_exit() == 0
+    assert_nothing_left(testhost, "deb-poweroff", host_mounts)
+
+
+def test_terminate(testhost: Any, host_mounts: set[str], boot: Any) -> None:
+    m = boot("deb-terminate")
+    assert testhost.run(["machinectl", "terminate", "deb-terminate"]).returncode == 0
+    m.wait_exit()
+    assert_nothing_left(testhost, "deb-terminate", host_mounts)
+
+
+def test_kill_leader(testhost: Any, host_mounts: set[str], boot: Any) -> None:
+    m = boot("deb-kill")
+    r = testhost.run(["machinectl", "kill", "--kill-whom=leader", "--signal=SIGKILL", "deb-kill"])
+    assert r.returncode == 0, r.stderr
+    assert m.wait_exit() == 128 + 9
+    assert_nothing_left(testhost, "deb-kill", host_mounts)
+
+
+def test_reboot_restarts_in_place(testhost: Any, host_mounts: set[str], boot: Any) -> None:
+    m = boot("deb-reboot")
+    first = int(m.show()["Leader"])
+    assert testhost.run(["machinectl", "reboot", "deb-reboot"]).returncode == 0
+
+    def new_leader() -> int | None:
+        props = m.show()
+        leader = int(props.get("Leader", "0") or 0)
+        return leader if leader and leader != first else None
+
+    wait_for(new_leader, 60, "the container to come back")
+    m.wait_booted()
+    assert m.proc.poll() is None
+    testhost.run(["machinectl", "poweroff", "deb-reboot"])
+    assert m.wait_exit() == 0
+    assert_nothing_left(testhost, "deb-reboot", host_mounts)
+
+
+def test_login_reaches_prompt(testhost: Any, host_mounts: set[str], boot: Any) -> None:
+    boot("deb-login")
+    r = testhost.run(
+        ["timeout", "-s", "KILL", "8", "script", "-qec", "machinectl login deb-login", "/dev/null"],
+        timeout=30,
+    )
+    assert "login:" in r.stdout, r.stdout + r.stderr
+
+
+def test_copy_to_and_bind(testhost: Any, host_mounts: set[str], boot: Any, tmp_path: Path) -> None:
+    m = boot("deb-copy")
+    r = testhost.run(
+        [
+            "sh",
+            "-c",
+            "mkdir -p /var/tmp/mpy-bind && echo bound > "
+            "/var/tmp/mpy-bind/f && echo copied > /var/tmp/mpy-copy",
+        ]
+    )
+    assert r.returncode == 0
+    r = testhost.run(["machinectl", "copy-to", "deb-copy", "/var/tmp/mpy-copy", "/root/copied"])
+    assert r.returncode == 0, r.stderr
+    assert m.shell("cat /root/copied").stdout.strip() == "copied"
+    r = testhost.run(
+        ["machinectl", "bind", "--mkdir", "deb-copy", "/var/tmp/mpy-bind", "/mnt/bound"]
+    )
+    assert r.returncode == 0, r.stderr
+    assert m.shell("cat /mnt/bound/f").stdout.strip() == "bound"
+    testhost.run(["rm", "-rf", "/var/tmp/mpy-bind", "/var/tmp/mpy-copy"])
+
+
+def test_sigterm_to_machinepy_powers_off(testhost: Any, host_mounts: set[str], boot: Any) -> None:
+    m = boot("deb-sigterm")
+    testhost.run(["pkill", "-TERM", "-f", "machinepy boot .* --machine deb-sigterm"])
+    assert m.wait_exit(60) == 0
+    assert_nothing_left(testhost, "deb-sigterm", host_mounts)
+
+
+# -- `run` registered, and the paths without machined ---------------------------------
+
+
+def test_run_registers_pflask_name(
+    testhost: Any, host_mounts: set[str], busybox_root: Path
+) -> None:
+    p = testhost.popen(
+        [*MACHINEPY, "run", "-r", str(busybox_root), "--", "sleep", "1000"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    name = wait_for(lambda: re.search(r"pflask-\d+", listed(testhost)), 20, "pflask machine")
+    name = name.group(0)
+    props = dict(
+        line.split("=", 1)
+        for line in testhost.run(["machinectl", "show", name]).stdout.splitlines()
+    )
+    assert name == f"pflask-{props['Leader']}"
+    assert testhost.run(["machinectl", "terminate", name]).returncode == 0
+    p.wait(30)
+    assert_nothing_left(testhost, name, host_mounts)
+
+
+def test_register_no(testhost: Any, host_mounts: set[str], busybox_root: Path) -> None:
+    r = testhost.run(
+        [*MACHINEPY, "run", "--register=no", "-r", str(busybox_root), "--", "sh", "-c", "echo ok"]
+    )
+    assert (r.returncode, r.stdout, r.stderr) == (0, "ok\n", "")
+
+
+def test_no_bus_warns_once_and_runs(
+    testhost: Any, host_mounts: set[str], busybox_root: Path
+) -> None:
+    env = {**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": "unix:path=/nonexistent/bus"}
+    r = testhost.run(
+        [*MACHINEPY, "run", "-r", str(busybox_root), "--", "sh", "-c", "echo ok"], env=env
+    )
+    assert r.returncode == 0 and r.stdout == "ok\n"
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("machinepy: warning:"), r.stderr
+
+
+def test_properties_reach_the_scope(
+    testhost: Any, host_mounts: set[str], busybox_root: Path
+) -> None:
+    p = testhost.popen(
+        [
+            *MACHINEPY,
+            "run",
+            "--machine",
+            "props",
+            "--property=MemoryMax=64M",
+            "--property=TasksMax=33",
+            "-r",
+            str(busybox_root),
+            "--",
+            "sleep",
+            "1000",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for(lambda: "props" in listed(testhost), 20, "machine props")
+    r = testhost.run(
+        [
+            "systemctl",
+            "show",
+            "machine-props.scope",
+            "-p",
+            "MemoryMax",
+            "-p",
+            "TasksMax",
+            "-p",
+            "Delegate",
+            "-p",
+            "Slice",
+        ]
+    )
+    assert "MemoryMax=67108864" in r.stdout
+    assert "TasksMax=33" in r.stdout
+    assert "Delegate=yes" in r.stdout and "Slice=machine.slice" in r.stdout
+    testhost.run(["machinectl", "terminate", "props"])
+    p.wait(30)
+    assert_nothing_left(testhost, "props", host_mounts)
