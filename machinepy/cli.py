@@ -99,7 +99,6 @@ def build_parser() -> Parser:
     boot = sub.add_parser("boot", help="boot an OS tree")
     boot.add_argument("root", metavar="ROOTFS")
     _container_options(boot, boot=True)
-    boot.add_argument("init_args", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -224,7 +223,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         ):
             # pflask compatibility: `machinepy [options] [--] [command]` means run.
             argv = ["run", *argv]
+        init_args: list[str] = []
+        if argv[0] == "boot" and "--" in argv:
+            # Options may follow ROOTFS; only what comes after -- goes to init.
+            cut = argv.index("--")
+            argv, init_args = argv[:cut], argv[cut + 1 :]
         args = parser.parse_args(argv)
+        args.init_args = init_args
         if args.verb is None:
             raise UsageError("no command given (try 'machinepy run --help')")
         if args.verb == "run" and args.attach:

@@ -1,0 +1,66 @@
+# SPDX-License-Identifier: BSD-2-Clause
+"""Command line → spec, without running anything."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from machinepy.cli import build_parser, find_init, main, spec_from_args
+from machinepy.spec import SpecError
+
+
+def parse(*argv: str) -> object:
+    args = build_parser().parse_args(list(argv))
+    if not hasattr(args, "init_args"):
+        args.init_args = []
+    return spec_from_args(args)
+
+
+def test_pflask_short_options() -> None:
+    spec = parse("run", "-r", "/srv", "-c", "/tmp", "-t", "box", "-m", "tmp:/x", "-u", "user",
+                 "-s", "A=1,B=2", "-k", "-w", "-n", "veth:a:b", "-e", "0:1000:10", "-b", "+all",
+                 "--", "cmd", "--flag")
+    assert spec.command == ("cmd", "--flag")  # type: ignore[attr-defined]
+    assert spec.root == "/srv" and spec.hostname == "box"  # type: ignore[attr-defined]
+    assert spec.setenv == (("A", "1"), ("B", "2"))  # type: ignore[attr-defined]
+    assert {"net", "user"} <= spec.namespaces  # type: ignore[attr-defined]
+
+
+def test_namespace_flags() -> None:
+    spec = parse("run", "-M", "-I", "-H", "-P", "-U", "-N", "true")
+    assert spec.namespaces == frozenset({"cgroup"})  # type: ignore[attr-defined]
+
+
+def test_command_without_double_dash_keeps_its_options() -> None:
+    assert parse("run", "ls", "-l").command == ("ls", "-l")  # type: ignore[attr-defined]
+
+
+def test_find_init(tmp_path: Path) -> None:
+    (tmp_path / "sbin").mkdir()
+    (tmp_path / "sbin/init").symlink_to("/bin/busybox")  # dangling on the host is fine
+    assert find_init(str(tmp_path)) == "/sbin/init"
+    with pytest.raises(SpecError, match="no init found"):
+        find_init(str(tmp_path / "sbin"))
+
+
+def test_boot_options_after_rootfs_and_init_args(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    # Validation fails on purpose (no init): what matters is where each argument went.
+    assert main(["boot", str(tmp_path), "--machine", "x y", "--", "--unit=rescue"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("machinepy: no init found") or "invalid machine name" in err
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    ([], "no command given"),
+    (["run", "--netif-address", "eth0"], "expected NAME=ADDRESS/PREFIX"),
+    (["run", "--register", "maybe", "true"], "expected yes or no"),
+    (["run", "-m"], "expected one argument"),
+])
+def test_usage_errors_are_one_line(argv: list[str], fragment: str,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and fragment in err, err
