@@ -224,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # pflask compatibility: `machinepy [options] [--] [command]` means run.
             argv = ["run", *argv]
         init_args: list[str] = []
-        if argv[0] == "boot" and "--" in argv:
+        if argv[:1] == ["boot"] and "--" in argv:
             # Options may follow ROOTFS; only what comes after -- goes to init.
             cut = argv.index("--")
             argv, init_args = argv[:cut], argv[cut + 1 :]
