@@ -76,7 +76,16 @@ for unit in "$@"; do
     rm -rf "$R/etc/systemd/system/$unit"
     ln -s /dev/null "$R/etc/systemd/system/$unit"
 done
-exec chroot "$R" env -i container=%(container)s PATH=/usr/sbin:/usr/bin:/sbin:/bin \
+# pivot_root, not chroot: with a chroot the mount namespace's root stays the real
+# host's /, and whatever enters a container's mount namespace with setns()
+# (machined's copy-to and bind) would land on the real host.
+cd "$R"
+pivot_root . .
+umount -l .
+# What systemd does on a real host (it skips it in a container): mounts shared,
+# so machined's `machinectl bind` propagates into containers.
+mount --make-rshared /
+exec chroot . env -i container=%(container)s PATH=/usr/sbin:/usr/bin:/sbin:/bin \
     %(systemd)s --system --unit=basic.target --log-target=journal --log-level=info
 """
 

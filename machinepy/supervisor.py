@@ -142,6 +142,12 @@ class Supervisor:
     def poweroff(self) -> None:
         self.request_stop(signal.SIGTERM)
 
+    def terminate(self) -> None:
+        """`machinectl terminate`: systemd stops the scope and asks us, its
+        Controller, to end it; terminate means no clean shutdown."""
+        self.stopping = True
+        self._signal(signal.SIGKILL)
+
     # -- main ---------------------------------------------------------------
 
     async def run(self) -> int:
@@ -356,7 +362,8 @@ class Supervisor:
             c.unit = await reg.register(
                 name=c.name, machine_id=self.spec.machine_id, leader=c.leader,
                 root_directory=self.spec.root or "/", ifindices=self.ifindices,
-                properties=self.spec.properties)
+                properties=self.spec.properties, boot=self.spec.boot,
+                on_request_stop=self.terminate)
         except machined.RegistrationError as e:
             raise SpawnError(f"registering machine '{c.name}': {e}") from None
         stack.push_async_callback(self._unregister, reg)

@@ -98,6 +98,13 @@ def test_proc_sys_read_only(root: Path | None) -> None:
     assert "Read-only" in r.stderr
 
 
+def test_sysfs_read_only_in_chroot(busybox_root: Path) -> None:
+    r = sh(busybox_root, "grep ' /sys ' /proc/self/mountinfo; mkdir /sys/x && echo writable")
+    assert "writable" not in r.stdout
+    assert " ro," in r.stdout or " ro " in r.stdout
+    assert "Read-only" in r.stderr
+
+
 def test_bind_ro_bind_and_tmp(root: Path | None, tmp_path: Path) -> None:
     rw, ro = tmp_path / "rw", tmp_path / "ro"
     rw.mkdir()

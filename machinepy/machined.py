@@ -1,0 +1,314 @@
+# SPDX-License-Identifier: BSD-2-Clause
+"""Registration with systemd-machined: a scope unit for the leader, then the machine.
+
+The order is the one systemd-nspawn uses: the leader goes into a transient
+`machine-NAME.scope` in machine.slice (Delegate=yes, so the container owns its
+cgroup subtree), then machined learns about it with RegisterMachine; machined
+finds the unit through the leader's cgroup.  The supervisor is the scope's
+Controller but stays outside it, so `machinectl terminate` reaches us as a
+RequestStop signal instead of killing the supervisor along with the container.
+
+Only the cheap checks at the top run without a bus; dbus-fast is imported
+when a registration actually happens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import string
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import uuid
+
+    from dbus_fast import Message
+    from dbus_fast.aio import MessageBus
+
+    from machinepy.unitprops import UnitProperty
+
+SYSTEM_BUS_SOCKET = "/run/dbus/system_bus_socket"
+SYSTEMD = ("org.freedesktop.systemd1", "/org/freedesktop/systemd1",
+           "org.freedesktop.systemd1.Manager")
+MACHINED = ("org.freedesktop.machine1", "/org/freedesktop/machine1",
+            "org.freedesktop.machine1.Manager")
+DBUS = ("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus")
+CALL_TIMEOUT = 25.0  # sd-bus's default method timeout
+GONE_TIMEOUT = 5.0  # how long we wait for systemd to drop the stopped scope
+SERVICE = "machinepy"
+SIG_HALT = signal.SIGRTMIN + 3
+
+
+class RegistrationError(Exception):
+    """Registration failed although machined is there; one line."""
+
+
+class RegistrationUnavailable(Exception):
+    """No system bus, no systemd or no machined: run unregistered, with a warning."""
+
+
+def system_bus_available() -> bool:
+    address = os.environ.get("DBUS_SYSTEM_BUS_ADDRESS")
+    if address:
+        return True
+    return os.path.exists(SYSTEM_BUS_SOCKET)
+
+
+def systemd_booted() -> bool:
+    """sd_booted(): systemd is PID 1 of this (pid namespace's) host."""
+    return os.path.isdir("/run/systemd/system")
+
+
+# ---------------------------------------------------------------------------
+# Names, escaped the way systemd escapes them.
+
+_ALNUM = frozenset(string.ascii_letters + string.digits)
+
+
+def unit_name_escape(name: str) -> str:
+    """systemd's unit_name_escape(): '-' and other specials become \\xNN, '/' becomes '-'."""
+    out = []
+    for i, ch in enumerate(name):
+        if ch == "/":
+            out.append("-")
+        elif ch in _ALNUM or ch in ":_" or (ch == "." and i > 0):
+            out.append(ch)
+        else:
+            out.extend(f"\\x{b:02x}" for b in ch.encode())
+    return "".join(out)
+
+
+def scope_name(machine: str) -> str:
+    return f"machine-{unit_name_escape(machine)}.scope"
+
+
+def bus_label_escape(label: str) -> str:
+    """sd-bus's bus_label_escape(): how unit names become object path elements."""
+    if not label:
+        return "_"
+    return "".join(ch if ch in _ALNUM else "".join(f"_{b:02x}" for b in ch.encode())
+                   for ch in label)
+
+
+def unit_path(unit: str) -> str:
+    return f"/org/freedesktop/systemd1/unit/{bus_label_escape(unit)}"
+
+
+# ---------------------------------------------------------------------------
+
+
+class BusError(Exception):
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(f"{message} ({name})" if message else name)
+        self.name = name
+
+
+class MachineRegistration:
+    """One system bus connection, holding one machine's scope and registration."""
+
+    def __init__(self, bus: MessageBus) -> None:
+        self.bus = bus
+        self.machine: str | None = None
+        self.unit: str | None = None
+        self.on_request_stop: Callable[[], None] | None = None
+        self._jobs: dict[str, asyncio.Future[str]] = {}
+        self._removed: dict[str, asyncio.Future[None]] = {}
+        self._early_jobs: dict[str, str] | None = None
+        bus.add_message_handler(self._on_message)
+
+    @classmethod
+    async def connect(cls) -> MachineRegistration:
+        """Connect, and make sure both systemd and machined are there to talk to."""
+        from dbus_fast import BusType
+        from dbus_fast.aio import MessageBus
+
+        try:
+            async with asyncio.timeout(CALL_TIMEOUT):
+                bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
+        except Exception as e:  # OSError, AuthError, timeouts: dbus-fast has no common base
+            raise RegistrationUnavailable(f"cannot connect to the system bus: {e}") from None
+        self = cls(bus)
+        try:
+            for service in (SYSTEMD[0], MACHINED[0]):
+                if not await self._available(service):
+                    raise RegistrationUnavailable(f"{service} is not on the system bus")
+        except BaseException:
+            bus.disconnect()
+            raise
+        return self
+
+    async def _available(self, name: str) -> bool:
+        (owned,) = await self._call(DBUS, "NameHasOwner", "s", [name])
+        if owned:
+            return True
+        (names,) = await self._call(DBUS, "ListActivatableNames", "", [])
+        return name in names
+
+    # -- plumbing -----------------------------------------------------------
+
+    async def _call(self, target: tuple[str, str, str], member: str, signature: str,
+                    body: Sequence[Any], *, interface: str | None = None) -> list[Any]:
+        from dbus_fast import Message, MessageType
+
+        msg = Message(destination=target[0], path=target[1], interface=interface or target[2],
+                      member=member, signature=signature, body=list(body))
+        try:
+            async with asyncio.timeout(CALL_TIMEOUT):
+                reply = await self.bus.call(msg)
+        except TimeoutError:
+            raise BusError("org.freedesktop.DBus.Error.Timeout",
+                           f"{target[0]} did not answer {member}") from None
+        assert reply is not None
+        if reply.message_type == MessageType.ERROR:
+            text = reply.body[0] if reply.body and isinstance(reply.body[0], str) else ""
+            raise BusError(reply.error_name or "unknown error", text)
+        return list(reply.body)
+
+    async def _add_match(self, rule: str) -> None:
+        await self._call(DBUS, "AddMatch", "s", [rule])
+
+    def _on_message(self, msg: Message) -> None:
+        if msg.interface == SYSTEMD[2] and msg.path == SYSTEMD[1]:
+            if msg.member == "JobRemoved":
+                _id, job, _unit, result = msg.body
+                fut = self._jobs.pop(job, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(result)
+                elif self._early_jobs is not None:
+                    self._early_jobs[job] = result
+            elif msg.member == "UnitRemoved":
+                fut2 = self._removed.pop(msg.body[0], None)
+                if fut2 is not None and not fut2.done():
+                    fut2.set_result(None)
+        elif (msg.member == "RequestStop" and msg.interface == "org.freedesktop.systemd1.Scope"
+              and self.unit is not None and msg.path == unit_path(self.unit)
+              and self.on_request_stop is not None):
+            self.on_request_stop()
+
+    # -- registration -------------------------------------------------------
+
+    async def register(self, *, name: str, machine_id: uuid.UUID | None, leader: int,
+                       root_directory: str, ifindices: Sequence[int] = (),
+                       properties: Sequence[UnitProperty] = (), boot: bool = False,
+                       on_request_stop: Callable[[], None] | None = None) -> str:
+        """Scope first, then the machine; returns the scope's name.
+
+        On failure whatever was made is undone before RegistrationError.
+        """
+        from dbus_fast import Variant
+
+        unit = scope_name(name)
+        self.on_request_stop = on_request_stop
+        props: list[tuple[str, Variant]] = [
+            ("PIDs", Variant("au", [leader])),
+            ("Description", Variant("s", f"Container {name}")),
+            ("Slice", Variant("s", "machine.slice")),
+            ("Delegate", Variant("b", True)),
+            ("CollectMode", Variant("s", "inactive-or-failed")),
+            ("AddRef", Variant("b", True)),
+            ("Controller", Variant("s", self.bus.unique_name)),
+            # As nspawn: the container may use ptys and /dev/net/tun, nothing else.
+            ("DevicePolicy", Variant("s", "closed")),
+            ("DeviceAllow", Variant("a(ss)", [["/dev/net/tun", "rwm"], ["char-pts", "rw"]])),
+        ]
+        if boot:
+            props += [("KillSignal", Variant("i", int(SIG_HALT))),
+                      ("KillMode", Variant("s", "mixed"))]
+        # User properties last: systemd applies assignments in order, later wins.
+        props += [(p.name, Variant(p.signature, _plain(p.value))) for p in properties]
+        try:
+            # Subscribe before asking: JobRemoved may arrive right behind the reply.
+            await self._call(SYSTEMD, "Subscribe", "", [])
+            await self._add_match(
+                f"type='signal',sender='{SYSTEMD[0]}',path='{SYSTEMD[1]}',"
+                f"interface='{SYSTEMD[2]}'")
+            await self._add_match(
+                f"type='signal',sender='{SYSTEMD[0]}',path='{unit_path(unit)}',"
+                "interface='org.freedesktop.systemd1.Scope',member='RequestStop'")
+            (job,) = await self._start_unit(unit, props)
+        except BusError as e:
+            raise RegistrationError(f"creating {unit}: {e}") from None
+        self.unit = unit
+        try:
+            result = await self._wait_job(job)
+            if result != "done":
+                raise RegistrationError(f"creating {unit}: job {result}")
+            machine_id_bytes = machine_id.bytes if machine_id is not None else b""
+            if ifindices:
+                await self._call(MACHINED, "RegisterMachineWithNetwork", "sayssusai",
+                                 [name, machine_id_bytes, SERVICE, "container", leader,
+                                  root_directory, list(ifindices)])
+            else:
+                await self._call(MACHINED, "RegisterMachine", "sayssus",
+                                 [name, machine_id_bytes, SERVICE, "container", leader,
+                                  root_directory])
+            self.machine = name
+        except (BusError, RegistrationError) as e:
+            await self.unregister()
+            raise RegistrationError(str(e)) from None
+        return unit
+
+    async def _start_unit(self, unit: str, props: list[tuple[str, Any]]) -> list[Any]:
+        # A JobRemoved read in the same chunk as the reply is handled before we
+        # resume here: keep every result until we know our job's path.
+        self._early_jobs = {}
+        try:
+            return await self._call(SYSTEMD, "StartTransientUnit", "ssa(sv)a(sa(sv))",
+                                    [unit, "fail", props, []])
+        except BaseException:
+            self._early_jobs = None
+            raise
+
+    async def _wait_job(self, job: str) -> str:
+        early, self._early_jobs = self._early_jobs, None
+        if early is not None and job in early:
+            return early[job]
+        fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._jobs[job] = fut
+        try:
+            async with asyncio.timeout(CALL_TIMEOUT):
+                return await fut
+        except TimeoutError:
+            raise RegistrationError(f"job {job} did not finish") from None
+        finally:
+            self._jobs.pop(job, None)
+
+    async def unregister(self) -> None:
+        """Machine and scope gone, before we return.  Never raises."""
+        if self.machine is not None:
+            with contextlib.suppress(BusError):
+                await self._call(MACHINED, "UnregisterMachine", "s", [self.machine])
+            self.machine = None
+        unit, self.unit = self.unit, None
+        if unit is None:
+            return
+        gone = asyncio.get_running_loop().create_future()
+        self._removed[unit] = gone
+        for member, sig, body in (("AbandonScope", "s", [unit]),
+                                  ("KillUnit", "ssi", [unit, "all", int(signal.SIGKILL)]),
+                                  ("UnrefUnit", "s", [unit])):
+            with contextlib.suppress(BusError):
+                await self._call(SYSTEMD, member, sig, body)
+        # The scope is collected once empty and unreferenced; wait for that, so
+        # `systemctl list-units` is clean when machinepy exits.
+        with contextlib.suppress(BusError):
+            await self._call(SYSTEMD, "GetUnit", "s", [unit])
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(GONE_TIMEOUT):
+                    await gone
+        self._removed.pop(unit, None)
+
+    async def close(self) -> None:
+        self.bus.disconnect()
+        with contextlib.suppress(Exception):
+            await self.bus.wait_for_disconnect()  # type: ignore[no-untyped-call]
+
+
+def _plain(value: object) -> object:
+    """Tuples (immutable in UnitProperty) as the lists dbus-fast marshals."""
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
