@@ -107,8 +107,9 @@ def host_mounts(testhost: Any) -> set[str]:
 
 
 def assert_nothing_left(host: Any, name: str, before: set[str]) -> None:
-    wait_for(lambda: name not in listed(host), 15, f"{name} to leave machinectl list")
-    wait_for(lambda: "machine-" not in scopes(host), 15, "machine scopes to go")
+    """Called once machinepy has exited: it waits for machined and systemd to let go."""
+    assert name not in listed(host)
+    assert "machine-" not in scopes(host)
     assert mountpoints(host) == before
     assert host.run(["test", "-e", f"/run/systemd/nspawn/propagate/{name}"]).returncode != 0
 
@@ -159,7 +160,7 @@ def test_boot_shows_in_machinectl_and_powers_off(
 def test_terminate(testhost: Any, host_mounts: set[str], boot: Any) -> None:
     m = boot("deb-terminate")
     assert testhost.run(["machinectl", "terminate", "deb-terminate"]).returncode == 0
-    m.wait_exit()
+    assert m.wait_exit() == 128 + 9  # terminate means killed, not shut down
     assert_nothing_left(testhost, "deb-terminate", host_mounts)
 
 
@@ -218,6 +219,81 @@ def test_copy_to_and_bind(testhost: Any, host_mounts: set[str], boot: Any, tmp_p
     assert r.returncode == 0, r.stderr
     assert m.shell("cat /mnt/bound/f").stdout.strip() == "bound"
     testhost.run(["rm", "-rf", "/var/tmp/mpy-bind", "/var/tmp/mpy-copy"])
+
+
+def test_boot_detached_prints_name_and_powers_off(
+    testhost: Any, host_mounts: set[str], debian_rootfs: Path
+) -> None:
+    r = testhost.run([*MACHINEPY, "boot", str(debian_rootfs), "--machine", "deb-detach",
+                      "--ephemeral", "--detach"], timeout=60)
+    try:
+        assert (r.returncode, r.stdout.strip()) == (0, "deb-detach"), r.stderr
+        assert "deb-detach" in listed(testhost)
+
+        def running() -> bool:
+            r = testhost.run(["machinectl", "shell", "-q", "deb-detach", "/bin/systemctl",
+                              "is-system-running"], timeout=10)
+            return r.stdout.strip() in ("running", "degraded")
+
+        wait_for(running, 60, "deb-detach to boot")
+        assert testhost.run(["machinectl", "poweroff", "deb-detach"]).returncode == 0
+        wait_for(lambda: "deb-detach" not in listed(testhost), 30, "deb-detach to power off")
+        wait_for(lambda: not testhost.run(["pgrep", "-f", "machinepy boot"]).stdout, 15,
+                 "the background supervisor to exit")
+        assert_nothing_left(testhost, "deb-detach", host_mounts)
+    finally:
+        testhost.run(["machinectl", "terminate", "deb-detach"])
+
+
+def test_notify_ready_under_a_type_notify_unit(
+    testhost: Any, host_mounts: set[str], debian_rootfs: Path
+) -> None:
+    """systemd-run waits for READY=1: it returns only once the container has booted."""
+    unit = "mpy-notify.service"
+    r = testhost.run(
+        ["systemd-run", f"--unit={unit}", "--property=Type=notify",
+         "--property=NotifyAccess=main", "--property=TimeoutStartSec=60", "--",
+         *MACHINEPY, "boot", str(debian_rootfs), "--machine", "deb-notify", "--ephemeral",
+         "--notify-ready"], timeout=90)
+    try:
+        assert r.returncode == 0, r.stderr
+        show = testhost.run(["systemctl", "show", unit, "-p", "ActiveState"]).stdout
+        assert show.strip() == "ActiveState=active"
+        # Booted right now, not soon: READY=1 came from the container's systemd.
+        r = testhost.run(["machinectl", "shell", "-q", "deb-notify", "/bin/systemctl",
+                          "is-system-running"], timeout=10)
+        assert r.stdout.strip() in ("running", "degraded"), r.stdout + r.stderr
+        # Stopping the unit sends SIGTERM: a clean poweroff of the container.
+        assert testhost.run(["systemctl", "stop", unit], timeout=90).returncode == 0
+        result = testhost.run(["systemctl", "show", unit, "-p", "ExecMainStatus"]).stdout
+        assert result.strip() == "ExecMainStatus=0"
+        assert_nothing_left(testhost, "deb-notify", host_mounts)
+    finally:
+        testhost.run(["systemctl", "stop", unit])
+        testhost.run(["systemctl", "reset-failed", unit])
+
+
+def test_sigkill_of_machinepy_leaves_no_machine(
+    testhost: Any, host_mounts: set[str], busybox_root: Path
+) -> None:
+    p = testhost.popen([*MACHINEPY, "run", "--machine", "bb-sigkill", "-r", str(busybox_root),
+                        "--", "sleep", "1000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       text=True)
+    wait_for(lambda: "bb-sigkill" in listed(testhost), 20, "bb-sigkill to register")
+    testhost.run(["pkill", "-KILL", "-f", "machinepy run --machine bb-sigkill"])
+    p.wait(30)
+    # The leader dies with its supervisor, the scope empties and loses its last
+    # reference (our bus connection), and machined drops the machine.
+    wait_for(lambda: "bb-sigkill" not in listed(testhost), 15, "bb-sigkill to go")
+    wait_for(lambda: "machine-" not in scopes(testhost), 15, "its scope to go")
+    assert not testhost.run(["pgrep", "-f", "sleep 1000"]).stdout
+    # A killed process cleans nothing: the next registration sweeps its propagation dir.
+    stale = "/run/systemd/nspawn/propagate/bb-sigkill"
+    r = testhost.run([*MACHINEPY, "run", "--machine", "bb-next", "-r", str(busybox_root),
+                      "--", "true"])
+    assert r.returncode == 0, r.stderr
+    assert testhost.run(["test", "-e", stale]).returncode != 0
+    assert_nothing_left(testhost, "bb-next", host_mounts)
 
 
 def test_sigterm_to_machinepy_powers_off(testhost: Any, host_mounts: set[str], boot: Any) -> None:

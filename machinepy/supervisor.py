@@ -31,6 +31,8 @@ PROPAGATE_DIR = "/run/systemd/nspawn/propagate"
 STOP_TIMEOUT = 30.0  # seconds between an orderly poweroff request and SIGKILL
 
 SIG_HALT = signal.SIGRTMIN + 3  # what nspawn sends a booted container on SIGTERM
+# Marks a propagation dir as ours, with the supervisor that made it ("pid starttime").
+PROPAGATE_OWNER_XATTR = "trusted.machinepy.owner"
 
 
 def _asyncio_loop() -> LoopLike:
@@ -47,6 +49,38 @@ def with_machine_id(spec: ContainerSpec) -> ContainerSpec:
 
 def warn(msg: str) -> None:
     print(f"machinepy: warning: {msg}", file=sys.stderr, flush=True)
+
+
+def _process_key(pid: int) -> bytes:
+    """pid plus start time: survives pid reuse."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    return b"%d %s" % (pid, fields[19])
+
+
+def sweep_propagate_dirs() -> None:
+    """Remove propagation dirs whose supervisor was SIGKILLed and could not clean up.
+
+    Only ours (marked with an xattr) and only empty ones; the next registration
+    on the host does it, since a killed process cleans nothing.
+    """
+    try:
+        names = os.listdir(PROPAGATE_DIR)
+    except OSError:
+        return
+    for name in names:
+        path = os.path.join(PROPAGATE_DIR, name)
+        try:
+            owner = os.getxattr(path, PROPAGATE_OWNER_XATTR)
+        except OSError:
+            continue  # not ours (nspawn's), or gone
+        try:
+            alive = _process_key(int(owner.split()[0])) == owner
+        except (OSError, ValueError, IndexError):
+            alive = False
+        if not alive:
+            with contextlib.suppress(OSError):
+                os.rmdir(path)
 
 
 def exit_status(res: os.waitid_result) -> int:
@@ -370,9 +404,12 @@ class Supervisor:
         c.registered = True
         if self.spec.root is None:
             return None
+        sweep_propagate_dirs()
         propagate = os.path.join(PROPAGATE_DIR, c.name)
         os.makedirs(propagate, exist_ok=True)
         stack.callback(self._remove_propagate, propagate)
+        with contextlib.suppress(OSError):
+            os.setxattr(propagate, PROPAGATE_OWNER_XATTR, _process_key(os.getpid()))
         return propagate
 
     async def _unregister(self, reg: object) -> None:
