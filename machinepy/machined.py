@@ -132,20 +132,21 @@ class MachineRegistration:
             raise RegistrationUnavailable(f"cannot connect to the system bus: {e}") from None
         self = cls(bus)
         try:
-            for service in (SYSTEMD[0], MACHINED[0]):
-                if not await self._available(service):
-                    raise RegistrationUnavailable(f"{service} is not on the system bus")
+            owned = await self._call_many(
+                [(DBUS, "NameHasOwner", "s", [name]) for name in (SYSTEMD[0], MACHINED[0])])
+            activatable: list[str] = []
+            if not all(o[0] for o in owned):  # machined is usually bus-activated
+                (activatable,) = await self._call(DBUS, "ListActivatableNames", "", [])
+            for name, o in zip((SYSTEMD[0], MACHINED[0]), owned, strict=True):
+                if not o[0] and name not in activatable:
+                    raise RegistrationUnavailable(f"{name} is not on the system bus")
+        except BusError as e:
+            bus.disconnect()
+            raise RegistrationUnavailable(f"asking the system bus: {e}") from None
         except BaseException:
             bus.disconnect()
             raise
         return self
-
-    async def _available(self, name: str) -> bool:
-        (owned,) = await self._call(DBUS, "NameHasOwner", "s", [name])
-        if owned:
-            return True
-        (names,) = await self._call(DBUS, "ListActivatableNames", "", [])
-        return name in names
 
     # -- plumbing -----------------------------------------------------------
 
@@ -167,8 +168,19 @@ class MachineRegistration:
             raise BusError(reply.error_name or "unknown error", text)
         return list(reply.body)
 
-    async def _add_match(self, rule: str) -> None:
-        await self._call(DBUS, "AddMatch", "s", [rule])
+    async def _call_many(self, calls: Sequence[tuple[tuple[str, str, str], str, str, list[Any]]]
+                         ) -> list[list[Any]]:
+        """Send all, then wait for all: one round trip instead of len(calls).
+
+        A connection's messages reach the bus and each peer in the order sent,
+        so later calls still see the effects of earlier ones.  Raises the first
+        error, after every reply is in.
+        """
+        replies = await asyncio.gather(*(self._call(*c) for c in calls), return_exceptions=True)
+        for r in replies:
+            if isinstance(r, BaseException):
+                raise r
+        return replies  # type: ignore[return-value]
 
     def _on_message(self, msg: Message) -> None:
         if msg.interface == SYSTEMD[2] and msg.path == SYSTEMD[1]:
@@ -220,16 +232,21 @@ class MachineRegistration:
         # User properties last: systemd applies assignments in order, later wins.
         props += [(p.name, Variant(p.signature, _plain(p.value))) for p in properties]
         try:
-            # Subscribe before asking: JobRemoved may arrive right behind the reply.
-            await self._call(SYSTEMD, "Subscribe", "", [])
-            await self._add_match(
-                f"type='signal',sender='{SYSTEMD[0]}',path='{SYSTEMD[1]}',"
-                f"interface='{SYSTEMD[2]}'")
-            await self._add_match(
-                f"type='signal',sender='{SYSTEMD[0]}',path='{unit_path(unit)}',"
-                "interface='org.freedesktop.systemd1.Scope',member='RequestStop'")
-            (job,) = await self._start_unit(unit, props)
+            # Subscribe before asking: JobRemoved may arrive right behind the
+            # reply.  Sent together, still in this order (see _call_many).
+            self._early_jobs = {}
+            *_, (job,) = await self._call_many([
+                (SYSTEMD, "Subscribe", "", []),
+                (DBUS, "AddMatch", "s", [f"type='signal',sender='{SYSTEMD[0]}',"
+                                         f"path='{SYSTEMD[1]}',interface='{SYSTEMD[2]}'"]),
+                (DBUS, "AddMatch", "s", [f"type='signal',sender='{SYSTEMD[0]}',"
+                                         f"path='{unit_path(unit)}',"
+                                         "interface='org.freedesktop.systemd1.Scope',"
+                                         "member='RequestStop'"]),
+                (SYSTEMD, "StartTransientUnit", "ssa(sv)a(sa(sv))", [unit, "fail", props, []]),
+            ])
         except BusError as e:
+            self._early_jobs = None
             raise RegistrationError(f"creating {unit}: {e}") from None
         self.unit = unit
         try:
@@ -251,17 +268,6 @@ class MachineRegistration:
             raise RegistrationError(str(e)) from None
         return unit
 
-    async def _start_unit(self, unit: str, props: list[tuple[str, Any]]) -> list[Any]:
-        # A JobRemoved read in the same chunk as the reply is handled before we
-        # resume here: keep every result until we know our job's path.
-        self._early_jobs = {}
-        try:
-            return await self._call(SYSTEMD, "StartTransientUnit", "ssa(sv)a(sa(sv))",
-                                    [unit, "fail", props, []])
-        except BaseException:
-            self._early_jobs = None
-            raise
-
     async def _wait_job(self, job: str) -> str:
         early, self._early_jobs = self._early_jobs, None
         if early is not None and job in early:
@@ -278,24 +284,26 @@ class MachineRegistration:
 
     async def unregister(self) -> None:
         """Machine and scope gone, before we return.  Never raises."""
+        calls: list[tuple[tuple[str, str, str], str, str, list[Any]]] = []
         if self.machine is not None:
-            with contextlib.suppress(BusError):
-                await self._call(MACHINED, "UnregisterMachine", "s", [self.machine])
+            calls.append((MACHINED, "UnregisterMachine", "s", [self.machine]))
             self.machine = None
         unit, self.unit = self.unit, None
+        if unit is not None:
+            calls += [(SYSTEMD, "AbandonScope", "s", [unit]),
+                      (SYSTEMD, "KillUnit", "ssi", [unit, "all", int(signal.SIGKILL)]),
+                      (SYSTEMD, "UnrefUnit", "s", [unit]),
+                      (SYSTEMD, "GetUnit", "s", [unit])]
+            gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._removed[unit] = gone
+        # Each may fail for a good reason (machined already dropped the machine,
+        # the scope is already gone): only GetUnit's answer matters.
+        replies = await asyncio.gather(*(self._call(*c) for c in calls), return_exceptions=True)
         if unit is None:
             return
-        gone = asyncio.get_running_loop().create_future()
-        self._removed[unit] = gone
-        for member, sig, body in (("AbandonScope", "s", [unit]),
-                                  ("KillUnit", "ssi", [unit, "all", int(signal.SIGKILL)]),
-                                  ("UnrefUnit", "s", [unit])):
-            with contextlib.suppress(BusError):
-                await self._call(SYSTEMD, member, sig, body)
-        # The scope is collected once empty and unreferenced; wait for that, so
-        # `systemctl list-units` is clean when machinepy exits.
-        with contextlib.suppress(BusError):
-            await self._call(SYSTEMD, "GetUnit", "s", [unit])
+        if not isinstance(replies[-1], BaseException):
+            # The scope is collected once empty and unreferenced; wait for that,
+            # so `systemctl list-units` is clean when machinepy exits.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(GONE_TIMEOUT):
                     await gone

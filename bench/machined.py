@@ -1,0 +1,120 @@
+# SPDX-License-Identifier: BSD-2-Clause
+"""machinepy vs systemd-nspawn with machined registration, inside a real systemd test host.
+
+    python3 bench/machined.py [--runs 10]
+
+Boots a test host (systemd + dbus + machined as PID 1 of new namespaces, see
+integration/testhost.py), then, in the same run and on the same Debian rootfs:
+
+- one-shot `/bin/true`, registered (scope + RegisterMachine) and cleaned up;
+- boot to READY: both under `systemd-run -p Type=notify`, which returns when
+  the container's systemd has sent READY=1 (`--notify-ready` on both);
+- `machinectl poweroff` until the supervising unit is gone.
+
+Both boot with a tmpfs overlay over a read-only tree (machinepy --ephemeral,
+nspawn --volatile=overlay): the same mechanism, and the cached rootfs stays clean.
+Goals (issue #3): one-shot <= 2x nspawn, boot and poweroff <= 1.0x nspawn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+from common import REPO, Result, interpreter, print_table
+
+GOALS = {"one-shot /bin/true, registered": 2.0, "boot to READY=1": 1.0,
+         "machinectl poweroff -> unit gone": 1.0}
+
+
+def _run(argv: Sequence[str], timeout: float = 120) -> None:
+    r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                       timeout=timeout)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv[:4])}…: exit {r.returncode}: {r.stderr.strip()}")
+
+
+def _wait_inactive(unit: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = subprocess.run(["systemctl", "is-active", "--quiet", unit])
+        if r.returncode != 0:
+            return
+        time.sleep(0.01)
+    raise RuntimeError(f"{unit} still active after {timeout}s")
+
+
+def inside(root: str, runs: int, py: str) -> dict[str, dict[str, list[float]]]:
+    """Runs in the test host: times for each tool, by measurement."""
+    mp = [py, "-m", "machinepy"]
+    tools = {
+        "machinepy": {
+            "oneshot": [*mp, "run", "-r", root, "--machine", "bench-1", "--", "/bin/true"],
+            "boot": [*mp, "boot", root, "--machine", "bench-b", "--ephemeral", "--notify-ready"],
+        },
+        "systemd-nspawn": {
+            "oneshot": ["systemd-nspawn", "-q", "-D", root, "--machine", "bench-1",
+                        "/bin/true"],
+            "boot": ["systemd-nspawn", "-q", "-D", root, "--machine", "bench-b", "--boot",
+                     "--volatile=overlay", "--notify-ready=yes", "--console=passive"],
+        },
+    }
+    out: dict[str, dict[str, list[float]]] = {}
+    for tool, argv in tools.items():
+        times: dict[str, list[float]] = {"oneshot": [], "boot": [], "poweroff": []}
+        for i in range(runs + 1):  # the first is a warm-up
+            t0 = time.perf_counter()
+            _run(argv["oneshot"])
+            t1 = time.perf_counter()
+            unit = f"bench-{tool}-{i}.service"
+            _run(["systemd-run", "-q", f"--unit={unit}", "-p", "Type=notify",
+                  "-p", "NotifyAccess=all", "-p", "TimeoutStartSec=120", "--", *argv["boot"]])
+            t2 = time.perf_counter()
+            _run(["machinectl", "poweroff", "bench-b"])
+            _wait_inactive(unit)
+            t3 = time.perf_counter()
+            subprocess.run(["systemctl", "reset-failed", unit], capture_output=True)
+            if i:
+                times["oneshot"].append(t1 - t0)
+                times["boot"].append(t2 - t1)
+                times["poweroff"].append(t3 - t2)
+        out[tool] = times
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--inside", metavar="ROOT", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.inside:
+        print(json.dumps(inside(args.inside, args.runs, sys.executable)))
+        return
+    sys.path.insert(0, str(REPO))
+    from integration.testhost import TestHost
+    from tests.rootfs import cached_debian_rootfs
+
+    root = str(cached_debian_rootfs())
+    with TestHost() as host:
+        r = host.run([interpreter(), __file__, "--inside", root, "--runs", str(args.runs)],
+                     timeout=3600)
+    if r.returncode != 0:
+        raise SystemExit(f"benchmark failed inside the test host:\n{r.stderr}")
+    data = json.loads(r.stdout.strip().splitlines()[-1])
+    labels = {"oneshot": "one-shot /bin/true, registered", "boot": "boot to READY=1",
+              "poweroff": "machinectl poweroff -> unit gone"}
+    for key, label in labels.items():
+        results = [Result(f"{tool}: {label}", data[tool][key]) for tool in data]
+        print_table(results, f"systemd-nspawn: {label}",
+                    f"{label}, median of {args.runs} (same test host, same run)")
+        mp, ns = results[0].median, results[1].median
+        verdict = "MET" if mp / ns <= GOALS[label] else "NOT MET"
+        print(f"goal: <= {GOALS[label]:.1f}x nspawn; machinepy = {mp / ns:.2f}x: {verdict}")
+
+
+if __name__ == "__main__":
+    main()
