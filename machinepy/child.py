@@ -171,7 +171,14 @@ def _step(what: str, fn: object, *args: object) -> None:
 
 def _become_ns_root() -> None:
     os.setresgid(0, 0, 0)
-    os.setgroups([])
+    try:
+        os.setgroups([])
+    except PermissionError:
+        # newgidmap denies setgroups when it maps only the user's own group:
+        # then there are no supplementary groups of ours to drop anyway.
+        with open("/proc/self/setgroups", "rb") as f:
+            if f.read().strip() != b"deny":
+                raise
     os.setresuid(0, 0, 0)
 
 

@@ -1,0 +1,141 @@
+# SPDX-License-Identifier: BSD-2-Clause
+"""User namespaces: `-e/--user-map` as root and as a real unprivileged user."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.root
+
+REPO = Path(__file__).resolve().parent.parent
+MACHINEPY = [sys.executable, "-m", "machinepy", "run", "--register=no"]
+SYSTEM_PYTHON = "/usr/bin/python3"
+TEST_USER = "mpytest"
+
+
+def run(argv: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=30,  # type: ignore[call-overload]
+                          **kw)
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory the container's root (an unprivileged uid outside) may reach:
+    bind sources are opened with the container's credentials."""
+    path = Path(tempfile.mkdtemp(prefix="mpytest-userns-", dir="/var/tmp"))
+    path.chmod(0o777)
+    yield path
+    shutil.rmtree(path)
+
+
+def test_root_maps_any_range_without_subuid(busybox_root: Path, shared_dir: Path) -> None:
+    """As root the maps go straight to /proc: no /etc/subuid entry needed (pflask's bug)."""
+    tmp_path = shared_dir
+    r = run([*MACHINEPY, "-e", "0:200000:65536", "-r", str(busybox_root),
+             "-m", f"bind:{tmp_path}:/tmp", "--",
+             "/bin/sh", "-c", "id -u; cat /proc/self/uid_map /proc/self/gid_map; "
+                              "stat -c %u /bin; touch /tmp/made"])
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.split("\n")
+    assert lines[0] == "0"
+    assert lines[1].split() == ["0", "200000", "65536"]
+    assert lines[2].split() == ["0", "200000", "65536"]
+    assert lines[3] == "65534"  # host root's files: unmapped, shown as nobody
+    made = (tmp_path / "made").stat()
+    assert (made.st_uid, made.st_gid) == (200000, 200000)  # root inside is 200000 outside
+
+
+def _readable_by_others(path: Path) -> bool:
+    for p in (path, *path.parents):
+        mode = p.stat().st_mode
+        if not mode & stat.S_IXOTH or (p == path and not mode & stat.S_IROTH):
+            return False
+    return True
+
+
+@pytest.fixture
+def unprivileged_user() -> Iterator[pwd.struct_passwd]:
+    for need in (SYSTEM_PYTHON, "/usr/bin/newuidmap", "/usr/sbin/useradd", "/usr/sbin/runuser"):
+        if not os.path.exists(need):
+            pytest.skip(f"needs {need}")
+    if not _readable_by_others(REPO / "machinepy"):
+        pytest.skip(f"{REPO} is not readable by other users, so a non-root user cannot run it")
+    created = False
+    try:
+        pwd.getpwnam(TEST_USER)
+    except KeyError:
+        subprocess.run(["useradd", "-M", "-s", "/bin/sh", TEST_USER], check=True)
+        created = True
+    try:
+        yield pwd.getpwnam(TEST_USER)
+    finally:
+        if created:
+            subprocess.run(["userdel", TEST_USER], check=False)
+
+
+def as_user(user: pwd.struct_passwd, *args: str) -> subprocess.CompletedProcess[str]:
+    # The system python: the test interpreter may live under root's home.
+    # Without a bus or netifs machinepy needs nothing beyond the standard library.
+    return run(["runuser", "-u", user.pw_name, "--", "env", f"PYTHONPATH={REPO}",
+                SYSTEM_PYTHON, "-m", "machinepy", "run", "--register=no", *args],
+               cwd="/")
+
+
+def _subuid_range(user: str) -> tuple[int, int] | None:
+    with open("/etc/subuid") as f:
+        for line in f:
+            name, start, count = line.strip().split(":")
+            if name == user:
+                return int(start), int(count)
+    return None
+
+
+def test_unprivileged_user_runs_a_container(unprivileged_user: pwd.struct_passwd,
+                                            busybox_root: Path) -> None:
+    uid = unprivileged_user.pw_uid
+    r = as_user(unprivileged_user, "-e", f"0:{uid}:1", "-r", str(busybox_root), "--",
+                "/bin/sh", "-c", "id -u; echo $$; cat /proc/self/uid_map; hostname x && hostname")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.split("\n")
+    assert out[:2] == ["0", "1"]
+    assert out[2].split() == ["0", str(uid), "1"]
+    assert out[3] == "x"
+
+
+def test_unprivileged_user_maps_its_subuid_range(unprivileged_user: pwd.struct_passwd,
+                                                 busybox_root: Path) -> None:
+    sub = _subuid_range(unprivileged_user.pw_name)
+    if sub is None:
+        pytest.skip(f"{unprivileged_user.pw_name} has no /etc/subuid range")
+    uid = unprivileged_user.pw_uid
+    r = as_user(unprivileged_user, "-e", f"0:{uid}:1", "-e", f"1:{sub[0]}:{sub[1]}",
+                "-r", str(busybox_root), "--", "/bin/sh", "-c", "cat /proc/self/uid_map")
+    assert r.returncode == 0, r.stderr
+    assert [line.split() for line in r.stdout.splitlines()] == [
+        ["0", str(uid), "1"], ["1", str(sub[0]), str(sub[1])]]
+
+
+def test_unprivileged_user_outside_its_range_is_one_line(
+        unprivileged_user: pwd.struct_passwd, busybox_root: Path) -> None:
+    r = as_user(unprivileged_user, "-e", "0:0:1", "-r", str(busybox_root), "--", "true")
+    assert r.returncode != 0
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "newuidmap" in r.stderr
+
+
+def test_unprivileged_user_without_user_map_is_refused(
+        unprivileged_user: pwd.struct_passwd) -> None:
+    r = as_user(unprivileged_user, "--", "true")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        "machinepy: must be run as root (or with --user-map for a user namespace)"]
