@@ -357,6 +357,9 @@ def test_properties_reach_the_scope(
             "props",
             "--property=MemoryMax=64M",
             "--property=TasksMax=33",
+            "--property=CPUQuota=50%",
+            "-g",
+            "memory",
             "-r",
             str(busybox_root),
             "--",
@@ -378,6 +381,10 @@ def test_properties_reach_the_scope(
             "-p",
             "TasksMax",
             "-p",
+            "CPUQuotaPerSecUSec",
+            "-p",
+            "MemoryAccounting",
+            "-p",
             "Delegate",
             "-p",
             "Slice",
@@ -385,6 +392,10 @@ def test_properties_reach_the_scope(
     )
     assert "MemoryMax=67108864" in r.stdout
     assert "TasksMax=33" in r.stdout
+    assert "CPUQuotaPerSecUSec=500ms" in r.stdout
+    assert "MemoryAccounting=yes" in r.stdout
+    # (Not checked in the container's cgroup files: this machine's memory and pids
+    # controllers live on cgroup v1, so the unified tree has no memory.max.)
     assert "Delegate=yes" in r.stdout and "Slice=machine.slice" in r.stdout
     testhost.run(["machinectl", "terminate", "props"])
     p.wait(30)
