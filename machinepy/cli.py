@@ -27,6 +27,9 @@ from machinepy.spec import (
 )
 
 INIT_CANDIDATES = ("/usr/lib/systemd/systemd", "/lib/systemd/systemd", "/sbin/init")
+# Verbs that talk to the io.machinepy1 service (machinepy.client, which needs dbus-fast).
+CLIENT_VERBS = ("start", "list", "status", "poweroff", "reboot", "terminate", "kill", "attach",
+                "daemon", "install-units")
 
 
 class UsageError(Exception):
@@ -216,6 +219,10 @@ def _run_detached(spec: ContainerSpec) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in CLIENT_VERBS:
+        from machinepy.client import main as client_main
+
+        return client_main(argv)
     parser = build_parser()
     try:
         if argv and argv[0] not in ("run", "boot", "-h", "--help") and not argv[0].startswith(

@@ -109,7 +109,8 @@ class Container:
             self.on_state(self)
 
 
-ConsoleMode = Literal["interactive", "passive", "pipe", "detached"]
+# "service": the daemon keeps the pty master (OpenConsole), see on_console.
+ConsoleMode = Literal["interactive", "passive", "pipe", "detached", "service"]
 
 
 def default_console_mode(spec: ContainerSpec) -> ConsoleMode:
@@ -126,7 +127,8 @@ class Supervisor:
                  stop_timeout: float = STOP_TIMEOUT, die_with_supervisor: bool = True,
                  on_error: Callable[[str], None] | None = None,
                  on_started: Callable[[Container], None] | None = None,
-                 loop: LoopLike | None = None) -> None:
+                 on_console: Callable[[int], Callable[[], None]] | None = None,
+                 handle_signals: bool = True, loop: LoopLike | None = None) -> None:
         if spec.machine_id is None and spec.boot:
             spec = with_machine_id(spec)  # container_uuid, and machined's id
         self.spec = spec
@@ -136,6 +138,10 @@ class Supervisor:
         self.die_with_supervisor = die_with_supervisor
         self.on_error = on_error or (lambda msg: print(f"machinepy: {msg}", file=sys.stderr))
         self.on_started = on_started
+        # Console "service": gets the pty master, returns what lets go of it.
+        self.on_console = on_console
+        # False in the daemon: its SIGTERM stops the daemon, never the containers.
+        self.handle_signals = handle_signals
         self.child: Spawned | None = None
         self.stopping = False
         self.restart = False
@@ -186,7 +192,8 @@ class Supervisor:
 
     async def run(self) -> int:
         loop = self.loop
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) if self.handle_signals else ()
+        for sig in signals:
             loop.add_signal_handler(sig, self.request_stop, sig)
         try:
             while True:
@@ -196,7 +203,7 @@ class Supervisor:
                 self.restart = False
                 self.is_ready = False
         finally:
-            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            for sig in signals:
                 loop.remove_signal_handler(sig)
 
     async def _run_once(self) -> int:
@@ -260,6 +267,10 @@ class Supervisor:
         return status
 
     def _start_console(self, master: int, stack: contextlib.AsyncExitStack) -> None:
+        if self.console == "service":
+            assert self.on_console is not None
+            stack.callback(self.on_console(master))
+            return
         if self.console == "detached":
             from machinepy.attach import AttachServer
 

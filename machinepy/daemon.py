@@ -1,0 +1,322 @@
+# SPDX-License-Identifier: BSD-2-Clause
+"""`machinepy daemon`: the io.machinepy1 service process.
+
+Restart safety: each running container has a state file under the state
+directory (/run/machinepy), and its console's pty master sits in systemd's file
+descriptor store.  Stopping the daemon leaves the containers alone (they never
+die with their supervisor, and live in their own scopes); the next daemon
+adopts every survivor by a pidfd on its leader and takes its console back from
+the store.
+
+No threads, ever: Supervisor.spawn() forks, and refuses in a threaded process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+from machinepy.service import Console, Entry, Hooks, Service
+from machinepy.spec import ContainerSpec
+from machinepy.supervisor import SIG_HALT, STOP_TIMEOUT, Container
+
+log = logging.getLogger("machinepy.daemon")
+
+STATE_DIR = "/run/machinepy"
+PROPAGATE_DIR = "/run/systemd/nspawn/propagate"
+CONSOLE_FDNAME = "console-"
+
+
+def start_time(pid: int) -> int:
+    """Field 22 of /proc/PID/stat: with the pid, names a process for good."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        return int(f.read().rsplit(b")", 1)[1].split()[19])
+
+
+class Notifier:
+    """sd_notify to our service manager, its socket kept out of the environment
+    (the containers of a host-root `run` would inherit it)."""
+
+    def __init__(self, address: str | None) -> None:
+        if address and address.startswith("@"):
+            address = "\0" + address[1:]
+        self.address = address
+
+    def __call__(self, message: str, fds: list[int] | None = None) -> bool:
+        if not self.address:
+            return False
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            try:
+                sock.connect(self.address)
+                socket.send_fds(sock, [message.encode()], fds or [])
+            except OSError as e:
+                log.warning("sd_notify %r: %s", message.split("\n", 1)[0], e)
+                return False
+        return True
+
+
+def take_listen_fds() -> dict[str, int]:
+    """What systemd hands back from the fd store (sd_listen_fds_with_names)."""
+    env = os.environ
+    fds: dict[str, int] = {}
+    try:
+        mine = int(env.get("LISTEN_PID", "0")) == os.getpid()
+        count = int(env.get("LISTEN_FDS", "0")) if mine else 0
+    except ValueError:
+        count = 0
+    names = env.get("LISTEN_FDNAMES", "").split(":")
+    for i in range(count):
+        fd = 3 + i
+        os.set_inheritable(fd, False)
+        fds[names[i] if i < len(names) else f"unknown-{i}"] = fd
+    for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        env.pop(key, None)
+    return fds
+
+
+class Record(NamedTuple):
+    """A container's state file: enough to adopt it after a daemon restart."""
+
+    name: str
+    leader: int
+    start_time: int
+    root: str | None
+    command: list[str]
+    boot: bool
+    machine_id: str | None
+    unit: str | None
+    registered: bool
+    since: int
+    ifindices: list[int]
+
+    @classmethod
+    def of(cls, entry: Entry) -> Record:
+        c = entry.container
+        assert c is not None
+        return cls(entry.name, c.leader, start_time(c.leader), c.spec.root,
+                   list(c.spec.command), c.spec.boot,
+                   c.spec.machine_id.hex if c.spec.machine_id else None, c.unit,
+                   c.registered, entry.since,
+                   list(getattr(entry.control, "ifindices", []) or []))
+
+
+class StateDir:
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def file(self, name: str) -> Path:
+        return self.path / f"{name}.json"
+
+    def write(self, entry: Entry) -> None:
+        try:
+            record = Record.of(entry)
+        except OSError:
+            return  # the leader is already gone
+        self.path.mkdir(mode=0o755, parents=True, exist_ok=True)
+        tmp = self.path / f".{entry.name}.tmp"
+        tmp.write_text(json.dumps(record._asdict()))
+        tmp.replace(self.file(entry.name))
+
+    def remove(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.file(name).unlink()
+        with contextlib.suppress(OSError):
+            self.path.rmdir()  # only when empty: leave nothing behind
+
+    def records(self) -> list[Record]:
+        out = []
+        for f in sorted(self.path.glob("*.json")):
+            try:
+                out.append(Record(**json.loads(f.read_text())))
+            except (OSError, ValueError, TypeError) as e:
+                log.warning("ignoring state file %s: %s", f, e)
+                f.unlink(missing_ok=True)
+        return out
+
+
+class Adopted:
+    """A container an earlier daemon started: all we have is a pidfd on its leader.
+
+    Not our child, so its exit status is unknown (-1); a reboot inside ends it,
+    since nobody is there to start it again.
+    """
+
+    def __init__(self, container: Container, pidfd: int, stop_timeout: float,
+                 ifindices: list[int]) -> None:
+        self.container = container
+        self.pidfd = pidfd
+        self.stop_timeout = stop_timeout
+        self.ifindices = ifindices
+        self.stopping = False
+
+    def kill(self, sig: int) -> None:
+        if self.pidfd >= 0:
+            with contextlib.suppress(OSError):
+                signal.pidfd_send_signal(self.pidfd, sig)
+
+    def poweroff(self) -> None:
+        if self.stopping:
+            self.kill(signal.SIGKILL)
+            return
+        self.stopping = True
+        self.kill(SIG_HALT if self.container.spec.boot else signal.SIGTERM)
+
+    def terminate(self) -> None:
+        self.stopping = True
+        self.kill(signal.SIGKILL)
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        loop.add_reader(self.pidfd, fut.set_result, None)
+        try:
+            await fut
+        finally:
+            loop.remove_reader(self.pidfd)
+            os.close(self.pidfd)
+            self.pidfd = -1
+        self.container.set_state("exited")
+        return -1
+
+
+class Daemon:
+    def __init__(self, state_dir: str = STATE_DIR, stop_timeout: float = STOP_TIMEOUT) -> None:
+        self.state = StateDir(state_dir)
+        self.stop_timeout = stop_timeout
+        self.notify = Notifier(os.environ.pop("NOTIFY_SOCKET", None))
+        self.stored = take_listen_fds()
+        self.service: Service | None = None
+
+    # -- hooks called by the service ------------------------------------------------------
+
+    def _running(self, entry: Entry) -> None:
+        self.state.write(entry)
+
+    def _gone(self, entry: Entry) -> None:
+        self.state.remove(entry.name)
+        c = entry.container
+        if isinstance(entry.control, Adopted) and c is not None and c.registered and c.spec.root:
+            # Its supervisor, which made it, is gone: nobody else removes it.
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.join(PROPAGATE_DIR, entry.name))
+
+    def _store_console(self, entry: Entry, fd: int) -> None:
+        self.notify(f"FDSTORE=1\nFDNAME={CONSOLE_FDNAME}{entry.name}", [fd])
+
+    def _unstore_console(self, entry: Entry) -> None:
+        self.notify(f"FDSTOREREMOVE=1\nFDNAME={CONSOLE_FDNAME}{entry.name}")
+
+    # -- adoption --------------------------------------------------------------------------
+
+    def adopt_survivors(self, service: Service) -> int:
+        adopted = 0
+        for rec in self.state.records():
+            entry = self._adopt(rec)
+            if entry is None:
+                self.state.remove(rec.name)
+                continue
+            assert isinstance(entry.control, Adopted)
+            service.adopt(entry, entry.control.run())
+            adopted += 1
+            log.info("adopted container %s (leader %d)", rec.name, rec.leader)
+        for name, fd in self.stored.items():  # consoles of containers that died meanwhile
+            os.close(fd)
+            self.notify(f"FDSTOREREMOVE=1\nFDNAME={name}")
+        self.stored.clear()
+        return adopted
+
+    def _adopt(self, rec: Record) -> Entry | None:
+        import uuid
+
+        try:
+            pidfd = os.pidfd_open(rec.leader)
+        except OSError:
+            return None
+        try:
+            alive = start_time(rec.leader) == rec.start_time  # not a recycled pid
+        except OSError:
+            alive = False
+        if not alive:
+            os.close(pidfd)
+            return None
+        spec = ContainerSpec(command=tuple(rec.command), root=rec.root, boot=rec.boot,
+                             machine=rec.name,
+                             machine_id=uuid.UUID(rec.machine_id) if rec.machine_id else None)
+        c = Container(spec)
+        c.name, c.leader, c.unit, c.registered = rec.name, rec.leader, rec.unit, rec.registered
+        c.state = "running"
+        entry = Entry(rec.name, Adopted(c, pidfd, self.stop_timeout, rec.ifindices),
+                      since=rec.since)
+        fd = self.stored.pop(CONSOLE_FDNAME + rec.name, -1)
+        if fd >= 0:
+            entry.console = Console(asyncio.get_running_loop(), fd, owned=True)
+        return entry
+
+    # -- main ------------------------------------------------------------------------------
+
+    async def run(self, bus_address: str | None = None) -> None:
+        from dbus_fast import BusType
+        from dbus_fast.aio import MessageBus
+
+        if bus_address:
+            bus = MessageBus(bus_address=bus_address, negotiate_unix_fd=True)
+        else:
+            bus = MessageBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True)
+        await bus.connect()
+        hooks = Hooks(running=self._running, gone=self._gone, console=self._store_console,
+                      console_gone=self._unstore_console)
+        self.service = service = Service(bus, hooks=hooks, stop_timeout=self.stop_timeout)
+        adopted = self.adopt_survivors(service)
+        await service.start()
+        loop = asyncio.get_running_loop()
+        stop = loop.create_future()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
+        disconnected = asyncio.ensure_future(bus.wait_for_disconnect())  # type: ignore[no-untyped-call]
+        self.notify(f"READY=1\nSTATUS={len(service.entries)} containers "
+                    f"({adopted} adopted)")
+        log.info("io.machinepy1 ready; %d containers adopted", adopted)
+        await asyncio.wait([stop, disconnected], return_when=asyncio.FIRST_COMPLETED)
+        self.notify(f"STOPPING=1\nSTATUS=leaving {len(service.entries)} containers running")
+        # Every running container already has its state file and its console in
+        # the fd store.  Leave now, without unwinding the supervisors: their
+        # clean-up would stop the containers.
+        for entry in service.entries.values():
+            if entry.state == "running":
+                self.state.write(entry)
+        log.info("stopping; %d containers keep running", len(service.entries))
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0 if stop.done() else 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="machinepy daemon",
+                                     description="Run the io.machinepy1 D-Bus service.")
+    parser.add_argument("--state-dir", default=os.environ.get("MACHINEPY_STATE_DIR", STATE_DIR),
+                        help=f"where container state files live (default {STATE_DIR})")
+    parser.add_argument("--bus-address", help="D-Bus address (default: the system bus)")
+    parser.add_argument("--stop-timeout", type=float, default=STOP_TIMEOUT,
+                        help="seconds from Poweroff to SIGKILL")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        print("machinepy: the daemon must run as root", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    daemon = Daemon(args.state_dir, args.stop_timeout)
+    try:
+        asyncio.run(daemon.run(args.bus_address))
+    except Exception as e:  # connecting, owning the name
+        print(f"machinepy: daemon: {e}", file=sys.stderr)
+        return 1
+    return 0

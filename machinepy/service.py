@@ -1,0 +1,745 @@
+# SPDX-License-Identifier: BSD-2-Clause
+"""io.machinepy1: many containers, one asyncio loop, exported on the system bus.
+
+The object tree is served by hand from one message handler rather than with
+dbus-fast's ServiceInterface: every call needs its sender (authorization), most
+are coroutines, and one returns a file descriptor.  Introspection, Properties
+(with PropertiesChanged) are answered here; Peer is left to dbus-fast.
+
+    /io/machinepy1                   io.machinepy1.Manager
+    /io/machinepy1/container/NAME    io.machinepy1.Container (NAME bus-label escaped)
+
+Each container is a Supervisor (console "service": the pty master stays here
+for OpenConsole) that never dies with us, or, after a daemon restart, an
+adopted leader known only by its pidfd (see daemon.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, NamedTuple, Protocol
+
+from dbus_fast import Message, MessageFlag, MessageType, Variant
+from dbus_fast import introspection as intr
+from dbus_fast.aio import MessageBus
+
+from machinepy.machined import bus_label_escape
+from machinepy.spec import SpecError, check_machine_name, validate
+from machinepy.supervisor import STOP_TIMEOUT, Container, Supervisor, with_machine_id
+
+log = logging.getLogger("machinepy.service")
+
+BUS_NAME = "io.machinepy1"
+MANAGER_PATH = "/io/machinepy1"
+CONTAINERS_PATH = "/io/machinepy1/container"
+MANAGER_IFACE = "io.machinepy1.Manager"
+CONTAINER_IFACE = "io.machinepy1.Container"
+ERROR = "io.machinepy1.Error."
+DBUS = "org.freedesktop.DBus"
+PROPERTIES = "org.freedesktop.DBus.Properties"
+INTROSPECTABLE = "org.freedesktop.DBus.Introspectable"
+VERSION = "1"
+LOCK_OWNER_TIMEOUT = 25.0  # GetConnectionUnixUser, as sd-bus's method timeout
+
+
+class ServiceError(Exception):
+    """Becomes a D-Bus error reply: NAME and a one-line message."""
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(message)
+        self.name = name if "." in name else ERROR + name
+
+
+def container_path(name: str) -> str:
+    return f"{CONTAINERS_PATH}/{bus_label_escape(name)}"
+
+
+# ---------------------------------------------------------------------------
+# The API, declared once: dispatch, signature checks and introspection use it.
+
+
+class Method(NamedTuple):
+    name: str
+    args: tuple[tuple[str, str], ...]  # (name, signature)
+    returns: tuple[tuple[str, str], ...]
+    privileged: bool  # creates, changes or attaches: root only
+
+
+def _m(name: str, args: str, returns: str, privileged: bool) -> Method:
+    def pairs(text: str) -> tuple[tuple[str, str], ...]:
+        return tuple(tuple(p.split(":", 1)) for p in text.split()) if text else ()  # type: ignore[misc]
+
+    return Method(name, pairs(args), pairs(returns), privileged)
+
+
+MANAGER_METHODS = (
+    _m("CreateContainer", "name:s root_directory:s command:as options:a{sv}", "path:o", True),
+    _m("ListContainers", "", "containers:a(ssuo)", False),
+    _m("GetContainer", "name:s", "path:o", False),
+    _m("PoweroffContainer", "name:s", "", True),
+    _m("RebootContainer", "name:s", "", True),
+    _m("TerminateContainer", "name:s", "", True),
+    _m("KillContainer", "name:s whom:s signal:i", "", True),
+    _m("OpenConsole", "name:s", "pty:h", True),
+)
+CONTAINER_METHODS = (
+    _m("Poweroff", "", "", True),
+    _m("Reboot", "", "", True),
+    _m("Terminate", "", "", True),
+    _m("Kill", "whom:s signal:i", "", True),
+    _m("OpenConsole", "", "pty:h", True),
+)
+MANAGER_SIGNALS = (
+    ("ContainerNew", (("name", "s"), ("path", "o"))),
+    ("ContainerRemoved", (("name", "s"), ("path", "o"), ("exit_status", "i"))),
+)
+MANAGER_PROPERTIES = (("Version", "s"), ("Containers", "u"))
+CONTAINER_PROPERTIES = (
+    ("Name", "s"), ("Id", "ay"), ("State", "s"), ("Leader", "u"), ("RootDirectory", "s"),
+    ("Command", "as"), ("Boot", "b"), ("Unit", "s"), ("MachineRegistered", "b"),
+    ("Since", "t"), ("ExitStatus", "i"), ("NetworkInterfaces", "ai"),
+)
+METHODS = {MANAGER_IFACE: {m.name: m for m in MANAGER_METHODS},
+           CONTAINER_IFACE: {m.name: m for m in CONTAINER_METHODS}}
+
+
+def _signature(pairs: Sequence[tuple[str, str]]) -> str:
+    return "".join(sig for _, sig in pairs)
+
+
+def _interface(name: str, methods: Sequence[Method], props: Sequence[tuple[str, str]],
+               signals: Sequence[tuple[str, Sequence[tuple[str, str]]]] = ()) -> intr.Interface:
+    return intr.Interface(
+        name,
+        methods=[intr.Method(m.name, [intr.Arg(s, intr.ArgDirection.IN, n) for n, s in m.args],
+                             [intr.Arg(s, intr.ArgDirection.OUT, n) for n, s in m.returns])
+                 for m in methods],
+        signals=[intr.Signal(n, [intr.Arg(s, intr.ArgDirection.OUT, a) for a, s in args])
+                 for n, args in signals],
+        properties=[intr.Property(n, s, intr.PropertyAccess.READ) for n, s in props],
+    )
+
+
+def _standard_interfaces() -> list[intr.Interface]:
+    node = intr.Node.default()
+    return [i for i in node.interfaces if i.name != "org.freedesktop.DBus.ObjectManager"]
+
+
+# ---------------------------------------------------------------------------
+# Options of CreateContainer: the CLI's, by name and D-Bus type.
+
+
+class Option(NamedTuple):
+    signature: str
+    dest: str  # the argparse destination of the matching CLI option
+
+
+OPTIONS = {
+    "Boot": Option("b", "boot"),
+    "Mounts": Option("as", "mount"),
+    "Hostname": Option("s", "hostname"),
+    "Ephemeral": Option("b", "ephemeral"),
+    "Environment": Option("as", "setenv"),
+    "KeepEnvironment": Option("b", "keepenv"),
+    "WorkingDirectory": Option("s", "chdir"),
+    "User": Option("s", "user"),
+    "Netifs": Option("as", "netif"),  # "" alone: a private network with only lo
+    "NetifAddresses": Option("as", "netif_address"),
+    "NetifRoutes": Option("as", "netif_route"),
+    "UserMap": Option("as", "user_map"),
+    "Caps": Option("as", "caps"),
+    "Cgroups": Option("as", "cgroup"),
+    "Properties": Option("as", "property"),
+    "Register": Option("b", "register"),
+    "NoNamespaces": Option("as", "no_namespaces"),  # user mount net ipc uts pid
+}
+NO_NAMESPACES = ("user", "mount", "net", "ipc", "uts", "pid")
+
+
+def _escape_item(text: str) -> str:
+    # The CLI splits --setenv on ','; an option list carries one item per entry.
+    return text.replace("\\", "\\\\").replace(",", "\\,")
+
+
+def spec_from_options(name: str, root_directory: str, command: Sequence[str],
+                      options: dict[str, Variant]) -> Any:
+    """The same ContainerSpec the CLI would make; SpecError on any bad input."""
+    from machinepy.cli import spec_from_args
+
+    values: dict[str, Any] = {}
+    for key, variant in options.items():
+        opt = OPTIONS.get(key)
+        if opt is None:
+            raise SpecError(f"unknown option '{key}' (known: {', '.join(sorted(OPTIONS))})")
+        if variant.signature != opt.signature:
+            raise SpecError(f"option '{key}' must be of type '{opt.signature}', "
+                            f"not '{variant.signature}'")
+        values[opt.dest] = variant.value
+    boot = bool(values.pop("boot", False))
+    root = root_directory or None
+    if boot and root is None:
+        raise SpecError("Boot needs a root directory")
+    no_ns = values.pop("no_namespaces", [])
+    for ns in no_ns:
+        if ns not in NO_NAMESPACES:
+            raise SpecError(f"unknown namespace '{ns}' in NoNamespaces")
+    lists = ("mount", "netif", "netif_address", "netif_route", "user_map", "caps", "cgroup",
+             "property")
+    args = argparse.Namespace(
+        verb="boot" if boot else "run", root=root, chroot=root, command=list(command),
+        init_args=list(command), machine=name or None, detach=False, notify_ready=False,
+        register=values.pop("register", True), hostname=values.get("hostname"),
+        chdir=values.get("chdir"), user=values.get("user"),
+        ephemeral=bool(values.get("ephemeral")), keepenv=bool(values.get("keepenv")),
+        setenv=[_escape_item(e) for e in values.get("setenv", [])],
+        **{dest: list(values.get(dest, [])) for dest in lists},
+        **{f"no_{ns}": ns in no_ns for ns in NO_NAMESPACES},
+    )
+    if boot and root is not None and not root.startswith("/"):
+        raise SpecError(f"root directory '{root}' is not absolute")
+    if boot and root is not None and not os.path.isdir(root):
+        raise SpecError(f"root directory '{root}' does not exist or is not a directory")
+    for text in (name, root_directory, args.hostname or "", args.chdir or "", args.user or "",
+                 *command):
+        if "\0" in text:
+            raise SpecError("strings must not contain NUL bytes")
+    try:
+        spec = spec_from_args(args)
+    except ValueError as e:  # SpecError and what parsers raise
+        raise SpecError(str(e)) from None
+    return with_machine_id(validate(spec))
+
+
+# ---------------------------------------------------------------------------
+# Containers as the service holds them
+
+
+class Control(Protocol):
+    """What the service drives: a Supervisor, or an adopted container (daemon.py)."""
+
+    container: Container
+
+    def poweroff(self) -> None: ...
+    def terminate(self) -> None: ...
+    def kill(self, sig: int) -> None: ...
+
+
+class Console:
+    """A container's pty master kept by the daemon.
+
+    Drained while nobody is attached, so the container never blocks writing to
+    a full console; OpenConsole hands it out, and an attachment lasts as long as
+    the caller's bus connection.
+    """
+
+    RETRY_MAX = 2.0  # seconds; a hung-up slave is retried with back-off, not polled
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, master: int, *, owned: bool) -> None:
+        self.loop = loop
+        self.master = master
+        self.owned = owned  # adopted from the fd store: ours to close
+        self.attached: set[str] = set()
+        self._retry = 0.1
+        self._timer: asyncio.TimerHandle | None = None
+        self._draining = False
+        os.set_blocking(master, False)
+        self._drain_on()
+
+    def _drain_on(self) -> None:
+        if not self._draining and not self.attached and self.master >= 0:
+            self.loop.add_reader(self.master, self._drain)
+            self._draining = True
+
+    def _drain_off(self) -> None:
+        if self._draining:
+            self.loop.remove_reader(self.master)
+            self._draining = False
+
+    def _drain(self) -> None:
+        try:
+            os.read(self.master, 65536)
+            self._retry = 0.1
+        except BlockingIOError:
+            pass
+        except OSError:
+            # EIO: no one has the slave open (yet, or after vhangup()).
+            self._drain_off()
+            self._timer = self.loop.call_later(self._retry, self._resume)
+            self._retry = min(self._retry * 2, self.RETRY_MAX)
+
+    def _resume(self) -> None:
+        self._timer = None
+        self._drain_on()
+
+    def attach(self, owner: str) -> None:
+        self.attached.add(owner)
+        self._drain_off()
+
+    def detach(self, owner: str) -> None:
+        self.attached.discard(owner)
+        self._drain_on()
+
+    def close(self) -> None:
+        self._drain_off()
+        if self._timer is not None:
+            self._timer.cancel()
+        if self.owned and self.master >= 0:
+            os.close(self.master)
+        self.master = -1
+
+
+class Entry:
+    """One container of the service."""
+
+    def __init__(self, name: str, control: Control | None, since: int | None = None) -> None:
+        self.name = name
+        self.path = container_path(name)
+        self.control = control
+        self.container: Container | None = control.container if control else None
+        self.since = since if since is not None else time.time_ns() // 1000
+        self.console: Console | None = None
+        self.exit_status = -1
+        self.announced = False  # ContainerNew sent
+        self.sent: dict[str, Variant] = {}  # property values last announced
+
+    @property
+    def state(self) -> str:
+        return self.container.state if self.container else "starting"
+
+    def properties(self) -> dict[str, Variant]:
+        c = self.container
+        spec = c.spec if c else None
+        mid = spec.machine_id.bytes if spec is not None and spec.machine_id else b""
+        ifindices: list[int] = list(getattr(self.control, "ifindices", []) or [])
+        return {
+            "Name": Variant("s", self.name),
+            "Id": Variant("ay", mid),
+            "State": Variant("s", self.state),
+            "Leader": Variant("u", c.leader if c else 0),
+            "RootDirectory": Variant("s", (spec.root if spec else None) or "/"),
+            "Command": Variant("as", list(spec.command) if spec else []),
+            "Boot": Variant("b", bool(spec and spec.boot)),
+            "Unit": Variant("s", (c.unit if c else None) or ""),
+            "MachineRegistered": Variant("b", bool(c and c.registered)),
+            "Since": Variant("t", self.since),
+            "ExitStatus": Variant("i", self.exit_status),
+            "NetworkInterfaces": Variant("ai", ifindices),
+        }
+
+
+# ---------------------------------------------------------------------------
+
+
+class Hooks(NamedTuple):
+    """What the daemon adds: persistence and the fd store.  All optional."""
+
+    running: Callable[[Entry], None] = lambda e: None  # started or restarted in place
+    gone: Callable[[Entry], None] = lambda e: None
+    console: Callable[[Entry, int], None] = lambda e, fd: None  # new pty master
+    console_gone: Callable[[Entry], None] = lambda e: None
+
+
+class Service:
+    def __init__(self, bus: MessageBus, *, hooks: Hooks | None = None,
+                 stop_timeout: float = STOP_TIMEOUT) -> None:
+        self.bus = bus
+        self.loop = asyncio.get_running_loop()
+        self.hooks = hooks or Hooks()
+        self.stop_timeout = stop_timeout
+        self.entries: dict[str, Entry] = {}
+        self.by_path: dict[str, Entry] = {}
+        self.tasks: set[asyncio.Future[Any]] = set()
+        self._uids: dict[str, int] = {}
+        self._serial = 0
+        bus.add_message_handler(self._on_message)
+
+    async def start(self, request_name: bool = True) -> None:
+        """Watch for vanishing peers (attached consoles), then take the name."""
+        await self._bus_call("AddMatch", "s", [
+            f"type='signal',sender='{DBUS}',interface='{DBUS}',member='NameOwnerChanged'"])
+        if request_name:
+            from dbus_fast import NameFlag, RequestNameReply
+
+            reply = await self.bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
+            if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
+                raise RuntimeError(f"cannot own {BUS_NAME}: {reply.name}")
+
+    # -- containers --------------------------------------------------------------------
+
+    def _pick_name(self) -> str:
+        while True:
+            self._serial += 1
+            name = f"machinepy-{self._serial}"
+            if name not in self.entries:
+                return name
+
+    async def create(self, name: str, root_directory: str, command: Sequence[str],
+                     options: dict[str, Variant]) -> Entry:
+        if name:
+            try:
+                check_machine_name(name)
+            except SpecError as e:
+                raise ServiceError("InvalidArgument", str(e)) from None
+        else:
+            name = self._pick_name()
+        if name in self.entries:
+            raise ServiceError("AlreadyExists", f"container '{name}' already exists")
+        try:
+            spec = spec_from_options(name, root_directory, command, options)
+        except SpecError as e:
+            raise ServiceError("InvalidArgument", str(e)) from None
+        entry = Entry(name, None)
+        started: asyncio.Future[None] = self.loop.create_future()
+
+        def on_error(msg: str) -> None:
+            if not started.done():
+                started.set_exception(ServiceError("Failed", msg))
+            else:
+                log.warning("container %s: %s", name, msg)
+
+        def on_started(c: Container) -> None:
+            if not started.done():
+                started.set_result(None)
+            self._running(entry)
+
+        sup = Supervisor(spec, console="service", die_with_supervisor=False,
+                         handle_signals=False, stop_timeout=self.stop_timeout,
+                         on_error=on_error, on_started=on_started,
+                         on_console=lambda fd: self._own_console(entry, fd))
+        entry.control = sup
+        entry.container = sup.container
+        sup.container.on_state = lambda c: self._changed(entry)
+        self._add(entry)
+        task = self._watch(entry, sup.run())
+        await asyncio.wait([started, task], return_when=asyncio.FIRST_COMPLETED)
+        if started.done() and started.exception() is None:
+            return entry
+        # Failed: wait for the supervisor's clean-up, so nothing is left when we answer.
+        await asyncio.wait([task])
+        if started.done():
+            started.result()  # the setup error
+        task.result()  # the supervisor crashed: its exception
+        raise ServiceError("Failed", f"container '{name}' exited during start-up")
+
+    def adopt(self, entry: Entry, run: Awaitable[int]) -> None:
+        """A running container from an earlier daemon (daemon.py)."""
+        assert entry.container is not None
+        entry.container.on_state = lambda c: self._changed(entry)
+        self._add(entry)
+        self._running(entry)
+        self._watch(entry, run)
+
+    def _add(self, entry: Entry) -> None:
+        self.entries[entry.name] = entry
+        self.by_path[entry.path] = entry
+
+    def _watch(self, entry: Entry, run: Awaitable[int]) -> asyncio.Task[int]:
+        task = asyncio.ensure_future(run)
+        self.tasks.add(task)
+        task.add_done_callback(lambda t: self._exited(entry, t))
+        return task
+
+    def _running(self, entry: Entry) -> None:
+        if not entry.announced:
+            entry.announced = True
+            entry.sent = entry.properties()
+            self._signal(MANAGER_PATH, MANAGER_IFACE, "ContainerNew", "so",
+                         [entry.name, entry.path])
+        self.hooks.running(entry)
+
+    def _exited(self, entry: Entry, task: asyncio.Task[int]) -> None:
+        self.tasks.discard(task)
+        if task.cancelled():
+            status = -1
+        elif task.exception() is not None:
+            log.error("container %s: supervisor failed: %r", entry.name, task.exception())
+            status = -1
+        else:
+            status = task.result()
+        entry.exit_status = status
+        if entry.container is not None:
+            entry.container.state = "exited"
+        if entry.announced:
+            self._changed(entry)
+            self._signal(MANAGER_PATH, MANAGER_IFACE, "ContainerRemoved", "soi",
+                         [entry.name, entry.path, status])
+        self.entries.pop(entry.name, None)
+        self.by_path.pop(entry.path, None)
+        self.hooks.gone(entry)
+
+    def _own_console(self, entry: Entry, master: int) -> Callable[[], None]:
+        console = entry.console = Console(self.loop, master, owned=False)
+        self.hooks.console(entry, master)
+
+        def release() -> None:
+            console.close()
+            if entry.console is console:
+                entry.console = None
+                self.hooks.console_gone(entry)
+
+        return release
+
+    def _changed(self, entry: Entry) -> None:
+        if not entry.announced:
+            return
+        now = entry.properties()
+        changed = {k: v for k, v in now.items() if entry.sent.get(k) != v}
+        entry.sent = now
+        if changed:
+            self._signal(entry.path, PROPERTIES, "PropertiesChanged", "sa{sv}as",
+                         [CONTAINER_IFACE, changed, []])
+        if "Leader" in changed and entry.state == "running":
+            self.hooks.running(entry)  # a reboot in place: new leader
+
+    def get(self, name: str) -> Entry:
+        entry = self.entries.get(name)
+        if entry is None:
+            raise ServiceError("NoSuchContainer", f"no container '{name}'")
+        return entry
+
+    @staticmethod
+    def _control(entry: Entry) -> Control:
+        if entry.control is None or entry.state not in ("running", "stopping"):
+            raise ServiceError("NotRunning", f"container '{entry.name}' is {entry.state}")
+        return entry.control
+
+    def poweroff(self, entry: Entry) -> None:
+        control = self._control(entry)
+        control.poweroff()
+        # A PID 1 without a SIGTERM handler ignores it: end it after the grace time.
+        leader = entry.container.leader if entry.container else 0
+
+        def check() -> None:
+            c = entry.container
+            if c is not None and c.leader == leader and c.state in ("running", "stopping"):
+                control.terminate()
+
+        self.loop.call_later(self.stop_timeout, check)
+
+    def reboot(self, entry: Entry) -> None:
+        # As machined: SIGINT to the leader; systemd reboots on it (ctrl-alt-del).
+        self._control(entry).kill(signal.SIGINT)
+
+    def terminate(self, entry: Entry) -> None:
+        self._control(entry).terminate()
+
+    def kill(self, entry: Entry, whom: str, sig: int) -> None:
+        if whom not in ("leader", "all", ""):
+            raise ServiceError("InvalidArgument", f"invalid whom '{whom}' (leader or all)")
+        if not 1 <= sig < signal.NSIG:
+            raise ServiceError("InvalidArgument", f"invalid signal {sig}")
+        control = self._control(entry)
+        if whom == "all" and entry.container is not None:
+            kill_namespace(entry.container.leader, sig)
+        control.kill(sig)
+
+    def open_console(self, entry: Entry, sender: str) -> int:
+        self._control(entry)
+        if entry.console is None or entry.console.master < 0:
+            raise ServiceError("NoConsole", f"container '{entry.name}' has no console")
+        entry.console.attach(sender)
+        return entry.console.master
+
+    def _peer_gone(self, name: str) -> None:
+        self._uids.pop(name, None)
+        for entry in self.entries.values():
+            if entry.console is not None and name in entry.console.attached:
+                entry.console.detach(name)
+
+    async def close(self) -> None:
+        """Stop every container and wait for them (tests; the daemon leaves them running)."""
+        for entry in list(self.entries.values()):
+            if entry.control is not None:
+                entry.control.terminate()
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=30)
+        self.bus.remove_message_handler(self._on_message)
+
+    # -- D-Bus plumbing ----------------------------------------------------------------
+
+    def _signal(self, path: str, iface: str, member: str, sig: str, body: list[Any]) -> None:
+        self.bus.send(Message.new_signal(path, iface, member, sig, body))
+
+    async def _bus_call(self, member: str, sig: str, body: list[Any]) -> list[Any]:
+        reply = await self.bus.call(Message(destination=DBUS, path="/org/freedesktop/DBus",
+                                            interface=DBUS, member=member, signature=sig,
+                                            body=body))
+        assert reply is not None
+        if reply.message_type == MessageType.ERROR:
+            raise ServiceError(reply.error_name or f"{DBUS}.Error.Failed",
+                               str(reply.body[0]) if reply.body else "bus call failed")
+        return list(reply.body)
+
+    async def caller_uid(self, sender: str) -> int:
+        uid = self._uids.get(sender)
+        if uid is None:
+            async with asyncio.timeout(LOCK_OWNER_TIMEOUT):
+                (uid,) = await self._bus_call("GetConnectionUnixUser", "s", [sender])
+            self._uids[sender] = uid
+        return uid
+
+    def _ours(self, path: str) -> bool:
+        return path == MANAGER_PATH or path.startswith(MANAGER_PATH + "/") or \
+            MANAGER_PATH.startswith(path.rstrip("/") + "/") or path == "/"
+
+    def _on_message(self, msg: Message) -> bool:
+        if msg.message_type == MessageType.SIGNAL:
+            if msg.member == "NameOwnerChanged" and msg.sender == DBUS and \
+                    msg.signature == "sss" and not msg.body[2]:
+                self._peer_gone(msg.body[0])
+            return False
+        if msg.message_type != MessageType.METHOD_CALL or not self._ours(msg.path or ""):
+            return False
+        if msg.interface == "org.freedesktop.DBus.Peer":
+            return False  # dbus-fast answers Ping and GetMachineId
+        task = asyncio.ensure_future(self._dispatch(msg))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return True
+
+    async def _dispatch(self, msg: Message) -> None:
+        try:
+            reply = await self._handle(msg)
+        except ServiceError as e:
+            reply = Message.new_error(msg, e.name, str(e))
+        except Exception as e:  # never let one call take the daemon down
+            log.exception("%s.%s failed", msg.interface, msg.member)
+            reply = Message.new_error(msg, f"{DBUS}.Error.Failed",
+                                      f"internal error: {type(e).__name__}: {e}")
+        # Replies own their fds (dups): closed once written, whatever happens meanwhile.
+        fds = list(reply.unix_fds)
+
+        def close_fds(_: object = None) -> None:
+            for fd in fds:
+                os.close(fd)
+
+        if msg.flags & MessageFlag.NO_REPLY_EXPECTED:
+            close_fds()
+            return
+        fut = self.bus.send(reply)
+        if fds:
+            fut.add_done_callback(close_fds)
+
+    async def _handle(self, msg: Message) -> Message:
+        path, iface, member = msg.path or "", msg.interface, msg.member or ""
+        entry = self.by_path.get(path)
+        exported = path == MANAGER_PATH or entry is not None
+        if iface in (None, INTROSPECTABLE) and member == "Introspect" and msg.signature == "":
+            return Message.new_method_return(msg, "s", [self.introspect(path)])
+        if not exported:
+            raise ServiceError(f"{DBUS}.Error.UnknownObject", f"no object at '{path}'")
+        own_iface = MANAGER_IFACE if entry is None else CONTAINER_IFACE
+        if iface == PROPERTIES:
+            return self._properties(msg, own_iface, entry)
+        if iface is None:
+            iface = own_iface
+        method = METHODS.get(iface, {}).get(member) if iface == own_iface else None
+        if method is None:
+            raise ServiceError(f"{DBUS}.Error.UnknownMethod",
+                               f"unknown method {iface}.{member} on '{path}'")
+        want = _signature(method.args)
+        if msg.signature != want:
+            raise ServiceError(f"{DBUS}.Error.InvalidArgs",
+                               f"{member} takes '{want}', got '{msg.signature}'")
+        if method.privileged and await self.caller_uid(msg.sender or "") != 0:
+            raise ServiceError(f"{DBUS}.Error.AccessDenied",
+                               f"{member} is only for root")
+        if entry is None:
+            return await self._manager_call(msg, member)
+        return self._container_call(msg, entry, member, list(msg.body))
+
+    async def _manager_call(self, msg: Message, member: str) -> Message:
+        args = list(msg.body)
+        if member == "CreateContainer":
+            entry = await self.create(*args)
+            return Message.new_method_return(msg, "o", [entry.path])
+        if member == "ListContainers":
+            rows = [[e.name, e.state, e.container.leader if e.container else 0, e.path]
+                    for e in self.entries.values()]
+            return Message.new_method_return(msg, "a(ssuo)", [rows])
+        entry = self.get(args[0])
+        if member == "GetContainer":
+            return Message.new_method_return(msg, "o", [entry.path])
+        return self._container_call(msg, entry, member.removesuffix("Container"), args[1:])
+
+    def _container_call(self, msg: Message, entry: Entry, member: str,
+                        args: list[Any]) -> Message:
+        if member == "OpenConsole":
+            fd = self.open_console(entry, msg.sender or "")
+            return Message.new_method_return(msg, "h", [0], [os.dup(fd)])
+        if member == "Poweroff":
+            self.poweroff(entry)
+        elif member == "Reboot":
+            self.reboot(entry)
+        elif member == "Terminate":
+            self.terminate(entry)
+        elif member == "Kill":
+            self.kill(entry, args[0], args[1])
+        return Message.new_method_return(msg)
+
+    def _properties(self, msg: Message, own_iface: str, entry: Entry | None) -> Message:
+        member, body = msg.member, list(msg.body)
+        props = self.manager_properties() if entry is None else entry.properties()
+        expected = {"Get": "ss", "GetAll": "s", "Set": "ssv"}.get(member or "")
+        if expected is None:
+            raise ServiceError(f"{DBUS}.Error.UnknownMethod", f"unknown method {member}")
+        if msg.signature != expected:
+            raise ServiceError(f"{DBUS}.Error.InvalidArgs",
+                               f"{member} takes '{expected}', got '{msg.signature}'")
+        if body[0] not in (own_iface, ""):
+            if member == "GetAll" and body[0] in (INTROSPECTABLE, PROPERTIES,
+                                                   "org.freedesktop.DBus.Peer"):
+                return Message.new_method_return(msg, "a{sv}", [{}])
+            raise ServiceError(f"{DBUS}.Error.UnknownInterface", f"no interface '{body[0]}'")
+        if member == "GetAll":
+            return Message.new_method_return(msg, "a{sv}", [props])
+        if body[1] not in props:
+            raise ServiceError(f"{DBUS}.Error.UnknownProperty", f"no property '{body[1]}'")
+        if member == "Set":
+            raise ServiceError(f"{DBUS}.Error.PropertyReadOnly", f"'{body[1]}' is read-only")
+        return Message.new_method_return(msg, "v", [props[body[1]]])
+
+    def manager_properties(self) -> dict[str, Variant]:
+        return {"Version": Variant("s", VERSION),
+                "Containers": Variant("u", len(self.entries))}
+
+    def introspect(self, path: str) -> str:
+        node = intr.Node(path, is_root=True)
+        children: list[str] = []
+        if path == MANAGER_PATH:
+            node.interfaces = [*_standard_interfaces(),
+                               _interface(MANAGER_IFACE, MANAGER_METHODS, MANAGER_PROPERTIES,
+                                          MANAGER_SIGNALS)]
+            children = ["container"] if self.entries else []
+        elif path in self.by_path:
+            node.interfaces = [*_standard_interfaces(),
+                               _interface(CONTAINER_IFACE, CONTAINER_METHODS,
+                                          CONTAINER_PROPERTIES)]
+        elif path == CONTAINERS_PATH:
+            children = sorted(p.rsplit("/", 1)[1] for p in self.by_path)
+        elif MANAGER_PATH.startswith(path.rstrip("/") + "/"):
+            rest = MANAGER_PATH[len(path.rstrip("/")) + 1:]
+            children = [rest.split("/", 1)[0]]
+        node.nodes = [intr.Node(c, is_root=False) for c in children]
+        return node.tostring()
+
+
+def kill_namespace(leader: int, sig: int) -> None:
+    """Signal every process in the leader's pid namespace (`machinectl kill --kill-whom=all`)."""
+    try:
+        ns = os.readlink(f"/proc/{leader}/ns/pid")
+    except OSError:
+        return
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == leader:
+            continue
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{entry}/ns/pid") == ns:
+                os.kill(int(entry), sig)

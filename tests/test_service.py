@@ -1,0 +1,538 @@
+# SPDX-License-Identifier: BSD-2-Clause
+"""io.machinepy1 on a private dbus-daemon: objects, errors, authorization, real containers.
+
+The service runs in the test's own event loop (or, for restarts, as a real
+`machinepy daemon` process); clients are dbus-fast connections and busctl.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from dbus_fast import Message, MessageType, Variant
+from dbus_fast.aio import MessageBus
+
+from machinepy.service import (
+    BUS_NAME,
+    CONTAINER_IFACE,
+    MANAGER_IFACE,
+    MANAGER_PATH,
+    Service,
+    container_path,
+    spec_from_options,
+)
+from machinepy.spec import SpecError
+
+BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>system</type>
+  <listen>unix:abstract={name}</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow user="*"/>
+    <allow own="*"/>
+    <allow send_destination="*"/>
+    <allow receive_sender="*"/>
+  </policy>
+</busconfig>
+"""
+MACHINEPY = [sys.executable, "-m", "machinepy"]
+TIMEOUT = 20.0
+NOBODY = 65534
+
+
+class Reply(Exception):
+    def __init__(self, msg: Message) -> None:
+        super().__init__(f"{msg.error_name}: {msg.body[0] if msg.body else ''}")
+        self.name = msg.error_name
+        self.text = msg.body[0] if msg.body else ""
+
+
+@pytest.fixture
+def bus_address(tmp_path: Path) -> Iterator[str]:
+    """A dbus-daemon of our own; an abstract socket, so other users can connect too."""
+    name = f"mpy-test-bus-{os.getpid()}-{time.monotonic_ns()}"
+    conf = tmp_path / "bus.conf"
+    conf.write_text(BUS_CONFIG.format(name=name))
+    proc = subprocess.Popen(["dbus-daemon", f"--config-file={conf}", "--nofork",
+                             "--print-address=1", "--nopidfile"], stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout is not None
+    address = proc.stdout.readline().strip()
+    assert address.startswith("unix:abstract="), address
+    yield address
+    proc.terminate()
+    proc.wait(10)
+
+
+async def connect(address: str) -> MessageBus:
+    return await MessageBus(bus_address=address, negotiate_unix_fd=True).connect()
+
+
+async def disconnect(bus: MessageBus) -> None:
+    bus.disconnect()
+    with contextlib.suppress(Exception):
+        await bus.wait_for_disconnect()  # type: ignore[no-untyped-call]
+
+
+@pytest.fixture
+async def service(bus_address: str) -> AsyncIterator[Service]:
+    bus = await connect(bus_address)
+    svc = Service(bus, stop_timeout=2.0)
+    await svc.start()
+    yield svc
+    await svc.close()
+    await disconnect(bus)
+
+
+class Client:
+    def __init__(self, bus: MessageBus) -> None:
+        self.bus = bus
+        self.signals: list[Message] = []
+        self._waiters: list[asyncio.Future[None]] = []
+        bus.add_message_handler(self._on_message)
+
+    def _on_message(self, msg: Message) -> None:
+        if msg.message_type == MessageType.SIGNAL and msg.path and msg.path.startswith(
+                MANAGER_PATH):
+            self.signals.append(msg)
+            for w in self._waiters:
+                if not w.done():
+                    w.set_result(None)
+
+    async def subscribe(self) -> None:
+        await self.call("/org/freedesktop/DBus", "org.freedesktop.DBus", "AddMatch", "s",
+                        ["type='signal',path_namespace='/io/machinepy1'"],
+                        destination="org.freedesktop.DBus")
+
+    async def call(self, path: str, iface: str | None, member: str, sig: str = "",
+                   body: list[Any] | None = None, destination: str = BUS_NAME) -> Message:
+        msg = Message(destination=destination, path=path, interface=iface, member=member,
+                      signature=sig, body=body or [])
+        async with asyncio.timeout(TIMEOUT):
+            reply = await self.bus.call(msg)
+        assert reply is not None
+        if reply.message_type == MessageType.ERROR:
+            raise Reply(reply)
+        return reply
+
+    async def manager(self, member: str, sig: str = "", *body: Any) -> list[Any]:
+        return list((await self.call(MANAGER_PATH, MANAGER_IFACE, member, sig,
+                                     list(body))).body)
+
+    async def prop(self, path: str, name: str) -> Any:
+        reply = await self.call(path, "org.freedesktop.DBus.Properties", "Get", "ss",
+                                [CONTAINER_IFACE, name])
+        return reply.body[0].value
+
+    async def wait_signal(self, member: str, name: str) -> Message:
+        async with asyncio.timeout(TIMEOUT):
+            while True:
+                for msg in self.signals:
+                    if msg.member == member and msg.body[0] == name:
+                        return msg
+                fut = asyncio.get_running_loop().create_future()
+                self._waiters.append(fut)
+                await fut
+                self._waiters.remove(fut)
+
+
+@pytest.fixture
+async def client(bus_address: str, service: Service) -> AsyncIterator[Client]:
+    bus = await connect(bus_address)
+    c = Client(bus)
+    await c.subscribe()
+    yield c
+    await disconnect(bus)
+
+
+def _busctl_argv(address: str, args: tuple[str, ...], uid: int) -> list[str]:
+    prefix = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"] if uid else []
+    return [*prefix, "busctl", f"--address={address}", *args]
+
+
+def busctl(address: str, *args: str, uid: int = 0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(_busctl_argv(address, args, uid), capture_output=True, text=True,
+                          timeout=TIMEOUT)
+
+
+async def abusctl(address: str, *args: str, uid: int = 0) -> subprocess.CompletedProcess[str]:
+    """busctl while the service runs on this very loop.
+
+    Polled rather than awaited with asyncio's subprocess support: its child
+    watcher is a thread, and the service forks containers, which it refuses to
+    do from a threaded process.
+    """
+    argv = _busctl_argv(address, args, uid)
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(argv, stdout=out, stderr=err, text=True)
+        deadline = time.monotonic() + TIMEOUT
+        while proc.poll() is None:
+            if time.monotonic() > deadline:
+                proc.kill()
+                proc.wait()
+                raise AssertionError(f"{argv} timed out")
+            await asyncio.sleep(0.01)
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(argv, proc.returncode, out.read(), err.read())
+
+
+# ---------------------------------------------------------------------------
+# Options → spec (pure)
+
+
+def test_options_mirror_the_cli(tmp_path: Path) -> None:
+    spec = spec_from_options("box", str(tmp_path), ["/bin/sh", "-c", "true"], {
+        "Hostname": Variant("s", "inbox"),
+        "Mounts": Variant("as", [f"bind-ro:{tmp_path}:/data", "tmp:/scratch"]),
+        "Environment": Variant("as", ["A=1,2", "B=x"]),
+        "Netifs": Variant("as", [""]),
+        "UserMap": Variant("as", ["0:100000:65536"]),
+        "Properties": Variant("as", ["MemoryMax=64M"]),
+        "NoNamespaces": Variant("as", ["ipc"]),
+        "Register": Variant("b", False),
+    })
+    assert spec.machine == "box" and spec.root == str(tmp_path)
+    assert spec.hostname == "inbox"
+    assert [m.kind for m in spec.mounts] == ["bind-ro", "tmp"]
+    assert spec.setenv == (("A", "1,2"), ("B", "x"))  # one item per entry, commas kept
+    assert {"net", "user"} <= spec.namespaces and "ipc" not in spec.namespaces
+    assert spec.properties[0].name == "MemoryMax"
+    assert spec.register is False and spec.machine_id is not None
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"Bogus": Variant("b", True)}, "unknown option 'Bogus'"),
+    ({"Hostname": Variant("i", 3)}, "option 'Hostname' must be of type 's', not 'i'"),
+    ({"Mounts": Variant("as", ["bind:/nonexistent-src:/x"])}, "does not exist"),
+    ({"Boot": Variant("b", True)}, "Boot needs a root directory"),
+    ({"NoNamespaces": Variant("as", ["time"])}, "unknown namespace 'time'"),
+    ({"Ephemeral": Variant("b", True)}, "--ephemeral needs --chroot"),
+])
+def test_bad_options_are_one_line_errors(options: dict[str, Variant], message: str) -> None:
+    with pytest.raises(SpecError, match=message) as e:
+        spec_from_options("x", "", ["true"], options)
+    assert "\n" not in str(e.value)
+
+
+def test_host_root_when_root_is_empty_or_slash() -> None:
+    for root in ("", "/"):
+        assert spec_from_options("x", root, ["true"], {}).root is None
+
+
+# ---------------------------------------------------------------------------
+# The object tree, introspection and properties
+
+
+async def test_tree_introspection_and_manager_properties(bus_address: str,
+                                                         client: Client) -> None:
+    r = await abusctl(bus_address, "tree", BUS_NAME)
+    assert r.returncode == 0, r.stderr
+    assert "/io/machinepy1" in r.stdout
+    r = await abusctl(bus_address, "introspect", BUS_NAME, MANAGER_PATH)
+    assert r.returncode == 0, r.stderr
+    for needle in ("io.machinepy1.Manager", ".CreateContainer", "ssasa{sv}", ".ListContainers",
+                   "a(ssuo)", ".OpenConsole", ".ContainerRemoved", "soi",
+                   "org.freedesktop.DBus.Properties", "org.freedesktop.DBus.Peer"):
+        assert needle in r.stdout, needle
+    r = await abusctl(bus_address, "get-property", BUS_NAME, MANAGER_PATH, MANAGER_IFACE,
+                      "Containers")
+    assert r.stdout.strip() == "u 0"
+    # Peer comes from dbus-fast.
+    r = await abusctl(bus_address, "call", BUS_NAME, MANAGER_PATH, "org.freedesktop.DBus.Peer",
+                      "Ping")
+    assert r.returncode == 0, r.stderr
+    assert await client.manager("ListContainers") == [[]]
+
+
+@pytest.mark.parametrize(("call", "error"), [
+    ((MANAGER_PATH, MANAGER_IFACE, "GetContainer", "s", ["nope"]),
+     "io.machinepy1.Error.NoSuchContainer"),
+    ((MANAGER_PATH, MANAGER_IFACE, "GetContainer", "i", [1]),
+     "org.freedesktop.DBus.Error.InvalidArgs"),
+    ((MANAGER_PATH, MANAGER_IFACE, "Frobnicate", "", []),
+     "org.freedesktop.DBus.Error.UnknownMethod"),
+    ((MANAGER_PATH, "org.freedesktop.DBus.Properties", "Get", "ss", [MANAGER_IFACE, "Nope"]),
+     "org.freedesktop.DBus.Error.UnknownProperty"),
+    ((MANAGER_PATH, "org.freedesktop.DBus.Properties", "Set", "ssv",
+      [MANAGER_IFACE, "Version", Variant("s", "2")]),
+     "org.freedesktop.DBus.Error.PropertyReadOnly"),
+    ((container_path("nope"), CONTAINER_IFACE, "Poweroff", "", []),
+     "org.freedesktop.DBus.Error.UnknownObject"),
+])
+async def test_read_only_errors(client: Client, call: tuple[Any, ...], error: str) -> None:
+    with pytest.raises(Reply) as e:
+        await client.call(*call)
+    assert e.value.name == error
+    assert e.value.text and "\n" not in e.value.text
+
+
+# ---------------------------------------------------------------------------
+# Authorization: the caller's uid, asked from the bus
+
+
+@pytest.mark.root
+async def test_non_root_is_denied_changes_but_may_read(bus_address: str,
+                                                       client: Client) -> None:
+    r = await abusctl(bus_address, "call", BUS_NAME, MANAGER_PATH, MANAGER_IFACE, "CreateContainer",
+               "ssasa{sv}", "evil", "/", "1", "/bin/true", "0", uid=NOBODY)
+    assert r.returncode != 0
+    assert "Access denied" in r.stderr  # busctl's words for org.freedesktop.DBus.Error.AccessDenied
+    r = await abusctl(bus_address, "--json=short", "call", BUS_NAME, MANAGER_PATH, MANAGER_IFACE,
+               "ListContainers", uid=NOBODY)
+    assert r.returncode == 0, r.stderr
+    assert '"data":[[]]' in r.stdout
+    for member, sig, args in (("PoweroffContainer", "s", ["x"]),
+                              ("KillContainer", "ssi", ["x", "all", "9"]),
+                              ("OpenConsole", "s", ["x"])):
+        r = await abusctl(bus_address, "call", BUS_NAME, MANAGER_PATH, MANAGER_IFACE, member, sig,
+                   *args, uid=NOBODY)
+        assert "Access denied" in r.stderr, (member, r.stderr)
+    assert await client.manager("ListContainers") == [[]]
+
+
+async def test_access_denied_error_name(service: Service, client: Client) -> None:
+    # As if the client were uid 65534 (the bus answered GetConnectionUnixUser so).
+    service._uids[client.bus.unique_name or ""] = NOBODY
+    with pytest.raises(Reply) as e:
+        await client.manager("TerminateContainer", "s", "x")
+    assert e.value.name == "org.freedesktop.DBus.Error.AccessDenied"
+    assert e.value.text == "TerminateContainer is only for root"
+    assert await client.manager("ListContainers") == [[]]
+
+
+# ---------------------------------------------------------------------------
+# Real containers (root)
+
+TERM_TRAP = "trap 'exit 7' TERM; while :; do sleep 0.05; done"
+
+
+async def create(client: Client, name: str, root: str, command: list[str],
+                 **options: Variant) -> str:
+    opts = {"Register": Variant("b", False), **options}
+    (path,) = await client.manager("CreateContainer", "ssasa{sv}", name, root, command, opts)
+    return str(path)
+
+
+@pytest.mark.root
+async def test_lifecycle_create_list_properties_poweroff(client: Client,
+                                                         busybox_root: Path) -> None:
+    path = await create(client, "life", str(busybox_root), ["/bin/sh", "-c", TERM_TRAP],
+                        Hostname=Variant("s", "lifehost"))
+    assert path == container_path("life")
+    new = await client.wait_signal("ContainerNew", "life")
+    assert new.body == ["life", path]
+    (rows,) = await client.manager("ListContainers")
+    assert len(rows) == 1
+    name, state, leader, lpath = rows[0]
+    assert (name, state, lpath) == ("life", "running", path)
+    # The leader is a real process, PID 1 of its own pid namespace.
+    assert os.readlink(f"/proc/{leader}/ns/pid") != os.readlink("/proc/self/ns/pid")
+    with open(f"/proc/{leader}/status") as f:
+        assert f"NSpid:\t{leader}\t1\n" in f.read()
+    assert await client.prop(path, "Leader") == leader
+    assert await client.prop(path, "RootDirectory") == str(busybox_root)
+    assert await client.prop(path, "Command") == ["/bin/sh", "-c", TERM_TRAP]
+    assert await client.prop(path, "MachineRegistered") is False
+    assert len(await client.prop(path, "Id")) == 16
+    since = await client.prop(path, "Since")
+    assert abs(since / 1e6 - time.time()) < 60
+    assert (await client.manager("GetContainer", "s", "life")) == [path]
+    with pytest.raises(Reply) as e:  # the name is taken
+        await create(client, "life", "/", ["/bin/true"])
+    assert e.value.name == "io.machinepy1.Error.AlreadyExists"
+    await client.manager("PoweroffContainer", "s", "life")
+    removed = await client.wait_signal("ContainerRemoved", "life")
+    assert removed.body == ["life", path, 7]  # its TERM trap ran
+    changed = [m.body[1]["State"].value for m in client.signals
+               if m.member == "PropertiesChanged" and "State" in m.body[1]]
+    assert changed[-1] == "exited"
+    assert await client.manager("ListContainers") == [[]]
+    with pytest.raises(ProcessLookupError):
+        os.kill(leader, 0)
+
+
+@pytest.mark.root
+async def test_console_is_passed_as_fd(client: Client) -> None:
+    path = await create(client, "cons", "/", ["/bin/sh", "-c", "read x; echo got-$x; exit 3"])
+    reply = await client.call(path, CONTAINER_IFACE, "OpenConsole")
+    assert reply.signature == "h" and len(reply.unix_fds) == 1
+    master = reply.unix_fds[reply.body[0]]
+    try:
+        assert os.isatty(master)
+        os.write(master, b"hello\n")
+        out = b""
+        deadline = time.monotonic() + TIMEOUT
+        while b"got-hello" not in out and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+            with contextlib.suppress(BlockingIOError, OSError):
+                out += os.read(master, 4096)
+        assert b"got-hello" in out
+    finally:
+        os.close(master)
+    removed = await client.wait_signal("ContainerRemoved", "cons")
+    assert removed.body[2] == 3
+
+
+@pytest.mark.root
+async def test_kill_and_terminate(client: Client) -> None:
+    await create(client, "k1", "/", ["/bin/sleep", "1000"])
+    with pytest.raises(Reply) as e:
+        await client.manager("KillContainer", "ssi", "k1", "nobody", 9)
+    assert e.value.name == "io.machinepy1.Error.InvalidArgument"
+    with pytest.raises(Reply) as e:
+        await client.manager("KillContainer", "ssi", "k1", "leader", 999)
+    assert e.value.name == "io.machinepy1.Error.InvalidArgument"
+    await client.manager("KillContainer", "ssi", "k1", "all", int(signal.SIGKILL))
+    assert (await client.wait_signal("ContainerRemoved", "k1")).body[2] == 128 + 9
+    path = await create(client, "k2", "/", ["/bin/sleep", "1000"])
+    await client.call(path, CONTAINER_IFACE, "Terminate")
+    assert (await client.wait_signal("ContainerRemoved", "k2")).body[2] == 128 + 9
+
+
+@pytest.mark.root
+async def test_setup_failure_is_an_error_and_leaves_nothing(client: Client,
+                                                            busybox_root: Path) -> None:
+    with pytest.raises(Reply) as e:
+        await create(client, "broken", str(busybox_root), ["/no/such/command"])
+    assert e.value.name == "io.machinepy1.Error.Failed"
+    assert "/no/such/command" in e.value.text
+    assert await client.manager("ListContainers") == [[]]
+    assert not any(m.member == "ContainerNew" for m in client.signals)
+    # The name is free again.
+    await create(client, "broken", str(busybox_root), ["/bin/true"])
+    assert (await client.wait_signal("ContainerRemoved", "broken")).body[2] == 0
+
+
+@pytest.mark.root
+async def test_empty_name_picks_one(client: Client) -> None:
+    path = await create(client, "", "/", ["/bin/sleep", "1000"])
+    name = path.rsplit("/", 1)[1]
+    assert name.startswith("machinepy_2d")  # "machinepy-N", bus-label escaped
+    (rows,) = await client.manager("ListContainers")
+    await client.call(path, CONTAINER_IFACE, "Terminate")
+    await client.wait_signal("ContainerRemoved", rows[0][0])
+
+
+@pytest.mark.root
+async def test_malformed_calls_leave_the_service_up_and_nothing_behind(
+        bus_address: str, client: Client, tmp_path: Path) -> None:
+    bad: list[tuple[str, str, list[Any]]] = [
+        ("CreateContainer", "ssasa{sv}", ["../x", "/", [], {}]),
+        ("CreateContainer", "ssasa{sv}", ["a" * 100, "/", [], {}]),
+        ("CreateContainer", "ssasa{sv}", ["x", "relative/root", [], {}]),
+        ("CreateContainer", "ssasa{sv}", ["x", "/nonexistent", [], {}]),
+        ("CreateContainer", "ssasa{sv}", ["x", "/", [], {"Netifs": Variant("as", ["a/b:c"])}]),
+        ("CreateContainer", "ssasa{sv}", ["x", "/", [], {"Mounts": Variant("s", "x")}]),
+        ("CreateContainer", "ssasa{sv}", ["x", "/", [], {"Mounts": Variant("as", ["bad"])}]),
+        ("CreateContainer", "ssasa{sv}", ["x", "/", [], {"Netifs": Variant("as", ["a:b:c:d"])}]),
+        ("CreateContainer", "ssasa{sv}", ["x", "/", [], {"UserMap": Variant("as", ["1:2"])}]),
+        ("CreateContainer", "ssasa{sv}", ["x", "/", [],
+                                          {"Properties": Variant("as", ["Bogus=1"])}]),
+        ("CreateContainer", "ssasa{sv}", ["x", "/", [], {"Caps": Variant("as", ["+nope"])}]),
+        ("CreateContainer", "ssasa{sv}", ["x", "/", [], {"User": Variant("s", "nosuchuser")}]),
+        ("CreateContainer", "ssasa{sv}", ["x", "/", [],
+                                          {"WorkingDirectory": Variant("s", "rel")}]),
+        ("CreateContainer", "ssasa{sv}", ["x", "/", [],
+                                          {"Environment": Variant("as", ["1BAD=x"])}]),
+        ("CreateContainer", "ssasa{sv}", ["x", str(tmp_path), [],  # no init in there
+                                          {"Boot": Variant("b", True)}]),
+        ("CreateContainer", "s", ["x"]),
+        ("CreateContainer", "", []),
+        ("KillContainer", "ssi", ["none", "all", 9]),
+        ("OpenConsole", "s", [""]),
+        ("GetContainer", "as", [["x"]]),
+    ]
+    for i in range(50):
+        member, sig, body = bad[i % len(bad)]
+        with pytest.raises(Reply) as e:
+            await client.manager(member, sig, *body)
+        assert e.value.name.startswith(("io.machinepy1.Error.", "org.freedesktop.DBus.Error."))
+        assert e.value.name != "org.freedesktop.DBus.Error.Failed", e.value
+        assert "\n" not in e.value.text
+    assert await client.manager("ListContainers") == [[]]
+    assert not client.signals
+    r = await abusctl(bus_address, "call", BUS_NAME, MANAGER_PATH, "org.freedesktop.DBus.Peer",
+                      "Ping")
+    assert r.returncode == 0, r.stderr
+
+
+# ---------------------------------------------------------------------------
+# The daemon process: stop leaves containers running, a new one adopts them.
+
+
+def start_daemon(address: str, state_dir: Path) -> subprocess.Popen[str]:
+    proc = subprocess.Popen([*MACHINEPY, "daemon", f"--bus-address={address}",
+                             f"--state-dir={state_dir}", "--stop-timeout=2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        r = busctl(address, "status", BUS_NAME)
+        if r.returncode == 0:
+            return proc
+        if proc.poll() is not None:
+            raise AssertionError(f"daemon exited: {proc.stderr.read() if proc.stderr else ''}")
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("daemon did not take its name")
+
+
+def gone(pid: int) -> bool:
+    """Dead and reaped.  An orphaned leader comes to us: spawn() made pytest a subreaper."""
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+    return not os.path.exists(f"/proc/{pid}")
+
+
+@pytest.mark.root
+def test_daemon_restart_adopts_running_containers(bus_address: str, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    daemon = start_daemon(bus_address, state)
+    leader = 0
+    try:
+        r = busctl(bus_address, "call", BUS_NAME, MANAGER_PATH, MANAGER_IFACE,
+                   "CreateContainer", "ssasa{sv}", "survivor", "/", "2", "/bin/sleep", "1000",
+                   "1", "Register", "b", "false")
+        assert r.returncode == 0, r.stderr
+        r = busctl(bus_address, "get-property", BUS_NAME, container_path("survivor"),
+                   CONTAINER_IFACE, "Leader")
+        leader = int(r.stdout.split()[1])
+        assert (state / "survivor.json").exists()
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(TIMEOUT) == 0
+        os.kill(leader, 0)  # still running without its daemon
+        daemon = start_daemon(bus_address, state)
+        r = busctl(bus_address, "call", BUS_NAME, MANAGER_PATH, MANAGER_IFACE, "ListContainers")
+        assert r.stdout.split() == ["a(ssuo)", "1", '"survivor"', '"running"', str(leader),
+                                    f'"{container_path("survivor")}"'], r.stdout
+        r = busctl(bus_address, "call", BUS_NAME, container_path("survivor"), CONTAINER_IFACE,
+                   "Terminate")
+        assert r.returncode == 0, r.stderr
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline and not gone(leader):
+            time.sleep(0.05)
+        assert gone(leader)
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline and state.exists():
+            time.sleep(0.05)
+        assert not state.exists()  # state files removed, and the empty dir too
+    finally:
+        daemon.terminate()
+        daemon.wait(TIMEOUT)
+        if leader and not gone(leader):
+            os.kill(leader, signal.SIGKILL)
+            time.sleep(0.1)
+            gone(leader)
