@@ -89,8 +89,9 @@ def bus_label_escape(label: str) -> str:
     """sd-bus's bus_label_escape(): how unit names become object path elements."""
     if not label:
         return "_"
-    return "".join(ch if ch in _ALNUM else "".join(f"_{b:02x}" for b in ch.encode())
-                   for ch in label)
+    return "".join(ch if ch in _ALNUM and not (i == 0 and ch.isdigit())
+                   else "".join(f"_{b:02x}" for b in ch.encode())
+                   for i, ch in enumerate(label))
 
 
 def unit_path(unit: str) -> str:
@@ -117,6 +118,7 @@ class MachineRegistration:
         self._jobs: dict[str, asyncio.Future[str]] = {}
         self._removed: dict[str, asyncio.Future[None]] = {}
         self._early_jobs: dict[str, str] | None = None
+        self._checks: set[asyncio.Task[None]] = set()
         bus.add_message_handler(self._on_message)
 
     @classmethod
@@ -198,7 +200,18 @@ class MachineRegistration:
         elif (msg.member == "RequestStop" and msg.interface == "org.freedesktop.systemd1.Scope"
               and self.unit is not None and msg.path == unit_path(self.unit)
               and self.on_request_stop is not None):
-            self.on_request_stop()
+            # Any peer may send us a signal (match rules only filter broadcasts):
+            # stop only when it comes from systemd, whose unique name we ask for
+            # now, as it changes when systemd re-executes.
+            task = asyncio.get_running_loop().create_task(self._request_stop(msg.sender))
+            self._checks.add(task)
+            task.add_done_callback(self._checks.discard)
+
+    async def _request_stop(self, sender: str | None) -> None:
+        with contextlib.suppress(Exception):  # closing, or no systemd: not from systemd then
+            (owner,) = await self._call(DBUS, "GetNameOwner", "s", [SYSTEMD[0]])
+            if owner == sender and self.unit is not None and self.on_request_stop is not None:
+                self.on_request_stop()
 
     # -- registration -------------------------------------------------------
 
@@ -235,7 +248,7 @@ class MachineRegistration:
             # Subscribe before asking: JobRemoved may arrive right behind the
             # reply.  Sent together, still in this order (see _call_many).
             self._early_jobs = {}
-            *_, (job,) = await self._call_many([
+            calls: list[tuple[tuple[str, str, str], str, str, list[Any]]] = [
                 (SYSTEMD, "Subscribe", "", []),
                 (DBUS, "AddMatch", "s", [f"type='signal',sender='{SYSTEMD[0]}',"
                                          f"path='{SYSTEMD[1]}',interface='{SYSTEMD[2]}'"]),
@@ -244,11 +257,20 @@ class MachineRegistration:
                                          "interface='org.freedesktop.systemd1.Scope',"
                                          "member='RequestStop'"]),
                 (SYSTEMD, "StartTransientUnit", "ssa(sv)a(sa(sv))", [unit, "fail", props, []]),
-            ])
+            ]
+            replies = await asyncio.gather(*(self._call(*c) for c in calls),
+                                           return_exceptions=True)
+            if not isinstance(replies[-1], BaseException):
+                # Ours even if a call sent along with it failed: undone below.
+                self.unit = unit
+                (job,) = replies[-1]
+            for r in replies:
+                if isinstance(r, BaseException):
+                    raise r
         except BusError as e:
             self._early_jobs = None
+            await self.unregister()
             raise RegistrationError(f"creating {unit}: {e}") from None
-        self.unit = unit
         try:
             result = await self._wait_job(job)
             if result != "done":

@@ -11,8 +11,10 @@ container was half set up.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
+from fractions import Fraction
 from typing import NamedTuple
 
 USEC_PER_SEC = 1_000_000
@@ -57,7 +59,12 @@ def _percent(text: str) -> float | None:
         value = float(text[:-1])
     except ValueError:
         return None
-    return value if value >= 0 else None
+    return value if 0 <= value < math.inf else None  # also rejects nan and inf
+
+
+def _digits(text: str) -> bool:
+    # str.isdigit() also accepts '²' and other digits int() refuses.
+    return text.isascii() and text.isdigit()
 
 
 def _size(name: str, text: str) -> Parsed:
@@ -76,8 +83,12 @@ def _size(name: str, text: str) -> Parsed:
 
 
 def _bytes(text: str) -> int | None:
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMGTPE]?)(?:i?B)?", text)
-    return int(float(m.group(1)) * _SIZE_SUFFIX[m.group(2)]) if m else None
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMGTPE]?)(?:i?B)?", text, re.ASCII)
+    if not m:
+        return None
+    # Exact: a float loses bytes above 2**53, and must fit the D-Bus 't'.
+    value = int(Fraction(m.group(1)) * _SIZE_SUFFIX[m.group(2)])
+    return value if value <= UINT64_MAX else None
 
 
 def _tasks(name: str, text: str) -> Parsed:
@@ -86,20 +97,21 @@ def _tasks(name: str, text: str) -> Parsed:
     pct = _percent(text)
     if pct is not None:
         return f"{name}Scale", "u", round(min(pct, 100) / 100 * UINT32_MAX)
-    if not text.isdigit() or int(text) == 0:
+    if not _digits(text) or not 0 < int(text) <= UINT64_MAX:
         raise PropertyError(f"invalid {name}={text}: expected a positive count, N% or infinity")
     return name, "t", int(text)
 
 
 def _cpu_quota(name: str, text: str) -> Parsed:
     pct = _percent(text)
-    if pct is None or pct == 0:
+    usec = round(pct / 100 * USEC_PER_SEC) if pct is not None else 0
+    if usec == 0 or usec > UINT64_MAX:
         raise PropertyError(f"invalid {name}={text}: expected a percentage such as 50% or 200%")
-    return "CPUQuotaPerSecUSec", "t", round(pct / 100 * USEC_PER_SEC)
+    return "CPUQuotaPerSecUSec", "t", usec
 
 
 def _weight(name: str, text: str) -> Parsed:
-    if text.isdigit() and 1 <= int(text) <= 10000:
+    if _digits(text) and 1 <= int(text) <= 10000:
         return name, "t", int(text)
     if name in ("CPUWeight", "StartupCPUWeight") and text == "idle":
         return name, "t", 0
@@ -117,7 +129,7 @@ def timespan_usec(text: str) -> int:
     """'90', '1min 30s', '500ms', 'infinity' → microseconds (systemd.time(7))."""
     if text == "infinity":
         return UINT64_MAX
-    parts = re.findall(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)", text)
+    parts = re.findall(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)", text, re.ASCII)
     if not parts or "".join(n + u for n, u in parts) != re.sub(r"\s+", "", text):
         raise ValueError(text)
     total = 0.0
@@ -125,6 +137,8 @@ def timespan_usec(text: str) -> int:
         if unit not in _TIME_SUFFIX:
             raise ValueError(text)
         total += float(number) * _TIME_SUFFIX[unit]
+    if not total <= UINT64_MAX:  # 't' on the bus; also catches inf
+        raise ValueError(text)
     return round(total)
 
 
@@ -148,16 +162,17 @@ def _string(choices: tuple[str, ...]) -> Callable[[str, str], Parsed]:
 def _signal(name: str, text: str) -> Parsed:
     import signal
 
-    if text.isdigit():
-        return name, "i", int(text)
     sig = text if text.startswith("SIG") else f"SIG{text}"
-    m = re.fullmatch(r"SIGRTMIN\+(\d+)", sig)
-    if m:
-        return name, "i", int(signal.SIGRTMIN) + int(m.group(1))
-    try:
-        return name, "i", int(signal.Signals[sig])
-    except KeyError:
-        raise PropertyError(f"invalid {name}={text}: unknown signal") from None
+    m = re.fullmatch(r"SIGRTMIN\+(\d+)", sig, re.ASCII)
+    if _digits(text):
+        number = int(text)
+    elif m:
+        number = int(signal.SIGRTMIN) + int(m.group(1))
+    else:
+        number = int(signal.Signals[sig]) if sig in signal.Signals.__members__ else 0
+    if not 0 < number < signal.NSIG:
+        raise PropertyError(f"invalid {name}={text}: unknown signal")
+    return name, "i", number
 
 
 def _device_allow(name: str, text: str) -> Parsed:
