@@ -1,14 +1,361 @@
 # SPDX-License-Identifier: BSD-2-Clause
-"""CLI verbs on top of io.machinepy1."""
+"""CLI verbs on top of io.machinepy1: start, list, status, poweroff, reboot,
+terminate, kill, attach; plus `daemon` and `install-units`.
+
+Every verb is one or two D-Bus calls; the first call D-Bus-activates the
+daemon when it is installed (units/).  Output follows machinectl's.
+"""
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from dbus_fast import Message, MessageType, Variant
+from dbus_fast.aio import MessageBus
+
+from machinepy.cli import Parser, UsageError, _container_options
+from machinepy.service import BUS_NAME, CONTAINER_IFACE, MANAGER_IFACE, MANAGER_PATH
+from machinepy.spec import SpecError, parse_setenv
+
+UNITS_DIR = Path(__file__).resolve().parent.parent / "units"
+# Where each file of units/ goes (under --root).
+INSTALL = {
+    "machinepy.service": "etc/systemd/system",
+    "machinepy@.service": "etc/systemd/system",
+    "io.machinepy1.conf": "etc/dbus-1/system.d",
+    "io.machinepy1.service": "usr/share/dbus-1/system-services",
+}
+CALL_TIMEOUT = 60.0  # CreateContainer of a big root with registration can take a while
+
+
+class CallError(Exception):
+    def __init__(self, name: str, text: str) -> None:
+        super().__init__(text or name)
+        self.name = name
+
+
+class Client:
+    def __init__(self, bus: MessageBus) -> None:
+        self.bus = bus
+
+    @classmethod
+    async def connect(cls) -> Client:
+        from dbus_fast import BusType
+
+        bus = await MessageBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True).connect()
+        return cls(bus)
+
+    async def call(self, path: str, iface: str, member: str, sig: str = "",
+                   body: Sequence[Any] = ()) -> Message:
+        msg = Message(destination=BUS_NAME, path=path, interface=iface, member=member,
+                      signature=sig, body=list(body))
+        async with asyncio.timeout(CALL_TIMEOUT):
+            reply = await self.bus.call(msg)
+        assert reply is not None
+        if reply.message_type == MessageType.ERROR:
+            raise CallError(reply.error_name or "", str(reply.body[0]) if reply.body else "")
+        return reply
+
+    async def manager(self, member: str, sig: str = "", *body: Any) -> list[Any]:
+        return list((await self.call(MANAGER_PATH, MANAGER_IFACE, member, sig, body)).body)
+
+    async def properties(self, path: str) -> dict[str, Any]:
+        reply = await self.call(path, "org.freedesktop.DBus.Properties", "GetAll", "s",
+                                [CONTAINER_IFACE])
+        return {k: v.value for k, v in reply.body[0].items()}
+
+    async def close(self) -> None:
+        self.bus.disconnect()
+        with contextlib.suppress(Exception):
+            await self.bus.wait_for_disconnect()  # type: ignore[no-untyped-call]
+
+
+# ---------------------------------------------------------------------------
+# start: the run/boot options, sent as CreateContainer's a{sv}
+
+
+def start_parser() -> Parser:
+    p = Parser(prog="machinepy start",
+               description="Start a container in the background, managed by the service.")
+    p.add_argument("name", metavar="NAME", help="machine name ('' picks one)")
+    p.add_argument("root", metavar="ROOTFS", help="root directory ('/' for the host's root)")
+    p.add_argument("--boot", action="store_true", help="boot the init found in ROOTFS")
+    p.add_argument("-c", "--chdir", metavar="DIR", help="working directory inside")
+    p.add_argument("-u", "--user", metavar="USER", help="run the command as USER inside")
+    p.add_argument("-k", "--keepenv", action="store_true", help="keep the environment")
+    _container_options(p, boot=True)
+    return p
+
+
+def options_from_args(args: argparse.Namespace) -> dict[str, Variant]:
+    """The inverse of service.spec_from_options: only what was given."""
+    opts: dict[str, Variant] = {}
+
+    def put(key: str, sig: str, value: Any) -> None:
+        if value:
+            opts[key] = Variant(sig, value)
+
+    put("Boot", "b", args.boot)
+    put("Hostname", "s", args.hostname)
+    put("WorkingDirectory", "s", args.chdir)
+    put("User", "s", args.user)
+    put("KeepEnvironment", "b", args.keepenv)
+    put("Ephemeral", "b", args.ephemeral)
+    put("Mounts", "as", args.mount)
+    put("Environment", "as", [f"{k}={v}" for item in args.setenv for k, v in parse_setenv(item)])
+    put("Netifs", "as", args.netif)
+    put("NetifAddresses", "as", args.netif_address)
+    put("NetifRoutes", "as", args.netif_route)
+    put("UserMap", "as", args.user_map)
+    put("Caps", "as", args.caps)
+    put("Cgroups", "as", args.cgroup)
+    put("Properties", "as", args.property)
+    put("NoNamespaces", "as", [ns for ns in ("user", "mount", "net", "ipc", "uts", "pid")
+                               if getattr(args, f"no_{ns}", False)])
+    if not args.register:
+        opts["Register"] = Variant("b", False)
+    return opts
+
+
+async def start(client: Client, argv: list[str]) -> int:
+    command: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, command = argv[:cut], argv[cut + 1:]
+    args = start_parser().parse_args(argv)
+    root = args.root if args.root == "/" else os.path.abspath(args.root)
+    (path,) = await client.manager("CreateContainer", "ssasa{sv}", args.name, root, command,
+                                   options_from_args(args))
+    props = await client.properties(path)
+    print(props["Name"])
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# list, status, lifecycle
+
+
+async def list_(client: Client, argv: list[str]) -> int:
+    p = Parser(prog="machinepy list")
+    p.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    args = p.parse_args(argv)
+    (rows,) = await client.manager("ListContainers")
+    if args.output == "json":
+        out = []
+        for _name, _state, _leader, path in rows:
+            with contextlib.suppress(CallError):  # gone meanwhile
+                out.append(_jsonable(await client.properties(path)))
+        print(json.dumps(out, indent=None))
+        return 0
+    if rows:
+        width = max(4, *(len(r[0]) for r in rows))
+        print(f"{'NAME':<{width}} {'STATE':<9} LEADER")
+        for name, state, leader, _path in sorted(rows):
+            print(f"{name:<{width}} {state:<9} {leader}")
+        print()
+    print(f"{len(rows)} containers listed.")
+    return 0
+
+
+def _jsonable(props: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.hex() if isinstance(v, bytes) else v for k, v in props.items()}
+
+
+async def status(client: Client, argv: list[str]) -> int:
+    p = Parser(prog="machinepy status")
+    p.add_argument("name", metavar="NAME")
+    args = p.parse_args(argv)
+    (path,) = await client.manager("GetContainer", "s", args.name)
+    props = await client.properties(path)
+    import time
+
+    since = time.strftime("%a %Y-%m-%d %H:%M:%S %Z", time.localtime(props["Since"] / 1e6))
+    print(f"{props['Name']}")
+    print(f"           Since: {since}")
+    print(f"           State: {props['State']}")
+    print(f"          Leader: {props['Leader']}")
+    print(f"            Root: {props['RootDirectory']}")
+    print(f"         Command: {' '.join(props['Command']) or '(default shell)'}")
+    if props["Boot"]:
+        print("            Boot: yes")
+    print(f"            Unit: {props['Unit'] or '-'}")
+    print(f"      Registered: {'yes' if props['MachineRegistered'] else 'no'}")
+    if props["NetworkInterfaces"]:
+        print(f"   Network links: {' '.join(map(str, props['NetworkInterfaces']))}")
+    return 0
+
+
+def _names_parser(prog: str) -> Parser:
+    p = Parser(prog=f"machinepy {prog}")
+    p.add_argument("names", metavar="NAME", nargs="+")
+    return p
+
+
+def parse_signal(text: str) -> int:
+    name = text.upper()
+    if name.isdigit():
+        return int(name)
+    name = name if name.startswith("SIG") else "SIG" + name
+    if name.startswith("SIGRTMIN+") and name[9:].isdigit():
+        return int(signal.SIGRTMIN) + int(name[9:])
+    try:
+        return int(signal.Signals[name])
+    except KeyError:
+        raise UsageError(f"unknown signal '{text}'") from None
+
+
+async def lifecycle(client: Client, verb: str, argv: list[str]) -> int:
+    if verb == "kill":
+        p = _names_parser(verb)
+        p.add_argument("-s", "--signal", default="SIGTERM")
+        p.add_argument("--kill-whom", choices=("leader", "all"), default="all")
+        args = p.parse_args(argv)
+        sig = parse_signal(args.signal)
+        for name in args.names:
+            await client.manager("KillContainer", "ssi", name, args.kill_whom, sig)
+        return 0
+    args = _names_parser(verb).parse_args(argv)
+    member = {"poweroff": "PoweroffContainer", "reboot": "RebootContainer",
+              "terminate": "TerminateContainer"}[verb]
+    for name in args.names:
+        await client.manager(member, "s", name)
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# attach: the console fd from OpenConsole, relayed until ^]^]^] or the end
+
+
+async def attach(client: Client, argv: list[str]) -> int:
+    from machinepy import console as consolemod
+
+    p = Parser(prog="machinepy attach")
+    p.add_argument("name", metavar="NAME")
+    args = p.parse_args(argv)
+    await client.call("/org/freedesktop/DBus", "org.freedesktop.DBus", "AddMatch", "s",
+                      [f"type='signal',interface='{MANAGER_IFACE}',member='ContainerRemoved',"
+                       f"arg0='{args.name}'"])
+    reply = await client.call(MANAGER_PATH, MANAGER_IFACE, "OpenConsole", "s", [args.name])
+    master = reply.unix_fds[reply.body[0]]
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+
+    def finish(*_: Any) -> None:
+        if not done.done():
+            done.set_result(None)
+
+    def on_signal(msg: Message) -> None:
+        if msg.member == "ContainerRemoved" and msg.body and msg.body[0] == args.name:
+            finish()
+
+    client.bus.add_message_handler(on_signal)
+    relay = consolemod.Relay(loop, master, finish, interactive=consolemod.interactive())
+    print(f"Attached to {args.name}. Press ^] three times within 1s to detach.",
+          file=sys.stderr)
+    relay.start()
+    if consolemod.interactive():
+        loop.add_signal_handler(signal.SIGWINCH, relay.resize)
+    try:
+        await done
+    finally:
+        with contextlib.suppress(Exception):
+            loop.remove_signal_handler(signal.SIGWINCH)
+        relay.stop()
+        os.close(master)
+    print(f"\nDetached from {args.name}.", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# install-units
+
+
+def install_units(argv: list[str]) -> int:
+    p = Parser(prog="machinepy install-units",
+               description="Install the systemd units, D-Bus policy and activation file.")
+    p.add_argument("--root", default="/", help="install under this directory (default /)")
+    p.add_argument("--no-reload", action="store_true",
+                   help="do not reload systemd and dbus-daemon afterwards")
+    args = p.parse_args(argv)
+    if not UNITS_DIR.is_dir():
+        print(f"machinepy: {UNITS_DIR} not found (install-units needs a source checkout)",
+              file=sys.stderr)
+        return 1
+    exec_start = f"{sys.executable} -m machinepy"
+    for name, where in INSTALL.items():
+        text = (UNITS_DIR / name).read_text()
+        # Units name `machinepy`; systemd needs the interpreter that has it installed.
+        text = text.replace("ExecStart=machinepy ", f"ExecStart={exec_start} ")
+        dest = Path(args.root) / where / name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{name}.tmp")
+        tmp.write_text(text)
+        tmp.chmod(0o644)
+        tmp.replace(dest)
+        print(dest)
+    if args.root == "/" and not args.no_reload:
+        for argv_ in (["systemctl", "daemon-reload"],
+                      ["busctl", "call", "org.freedesktop.DBus", "/org/freedesktop/DBus",
+                       "org.freedesktop.DBus", "ReloadConfig"]):
+            if shutil.which(argv_[0]) is None:
+                continue
+            r = subprocess.run(argv_, capture_output=True, text=True)
+            if r.returncode != 0:
+                print(f"machinepy: warning: {' '.join(argv_)}: {r.stderr.strip()}",
+                      file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------------------
+
+
+async def _run(verb: str, argv: list[str]) -> int:
+    try:
+        client = await Client.connect()
+    except Exception as e:  # no bus: OSError, auth errors
+        print(f"machinepy: cannot connect to the system bus: {e}", file=sys.stderr)
+        return 1
+    try:
+        if verb == "start":
+            return await start(client, argv)
+        if verb == "list":
+            return await list_(client, argv)
+        if verb == "status":
+            return await status(client, argv)
+        if verb == "attach":
+            return await attach(client, argv)
+        return await lifecycle(client, verb, argv)
+    finally:
+        await client.close()
 
 
 def main(argv: Sequence[str]) -> int:
-    if argv[0] == "daemon":
+    verb, rest = argv[0], list(argv[1:])
+    if verb == "daemon":
         from machinepy.daemon import main as daemon_main
 
-        return daemon_main(list(argv[1:]))
-    return 2
+        return daemon_main(rest)
+    try:
+        if verb == "install-units":
+            return install_units(rest)
+        return asyncio.run(_run(verb, rest))
+    except (UsageError, SpecError) as e:
+        print(f"machinepy: {e}", file=sys.stderr)
+        return 2
+    except CallError as e:
+        print(f"machinepy: {e}", file=sys.stderr)
+        return 2 if e.name.endswith(".InvalidArgument") else 1
+    except TimeoutError:
+        print("machinepy: io.machinepy1 did not answer in time", file=sys.stderr)
+        return 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -536,3 +537,67 @@ def test_daemon_restart_adopts_running_containers(bus_address: str, tmp_path: Pa
             os.kill(leader, signal.SIGKILL)
             time.sleep(0.1)
             gone(leader)
+
+
+# ---------------------------------------------------------------------------
+# The CLI verbs, against a daemon on the private bus
+
+
+def machinepy(address: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*MACHINEPY, *args], capture_output=True, text=True, timeout=TIMEOUT,
+                          env={**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": address})
+
+
+@pytest.mark.root
+def test_cli_verbs(bus_address: str, tmp_path: Path, busybox_root: Path) -> None:
+    daemon = start_daemon(bus_address, tmp_path / "state")
+    try:
+        r = machinepy(bus_address, "start", "web", str(busybox_root), "--register=no",
+                      "-t", "webhost", "-s", "A=1,B=2", "--", "/bin/sh", "-c",
+                      "trap 'exit 5' TERM; while :; do sleep 0.05; done")
+        assert (r.returncode, r.stdout, r.stderr) == (0, "web\n", "")
+        r = machinepy(bus_address, "start", "", "/", "--register=no", "--", "sleep", "1000")
+        assert r.returncode == 0 and r.stdout.startswith("machinepy-"), r.stderr
+        other = r.stdout.strip()
+        r = machinepy(bus_address, "list")
+        lines = r.stdout.splitlines()
+        assert lines[0].split() == ["NAME", "STATE", "LEADER"]
+        assert [line.split()[:2] for line in lines[1:3]] == [[other, "running"],
+                                                            ["web", "running"]]
+        assert lines[-1] == "2 containers listed."
+        r = machinepy(bus_address, "list", "-o", "json")
+        rows = {row["Name"]: row for row in json.loads(r.stdout)}
+        assert rows["web"]["RootDirectory"] == str(busybox_root)
+        assert rows[other]["Command"] == ["sleep", "1000"]
+        r = machinepy(bus_address, "status", "web")
+        assert "State: running" in r.stdout and f"Root: {busybox_root}" in r.stdout
+        assert machinepy(bus_address, "kill", other, "--signal=KILL").returncode == 0
+        assert machinepy(bus_address, "poweroff", "web").returncode == 0
+        r = machinepy(bus_address, "status", "nope")
+        assert (r.returncode, r.stderr) == (1, "machinepy: no container 'nope'\n")
+        r = machinepy(bus_address, "start", "bad", "/nonexistent")
+        assert r.returncode == 2 and "does not exist" in r.stderr
+        assert machinepy(bus_address, "kill", "web", "--signal=FOO").returncode == 2
+        deadline = time.monotonic() + TIMEOUT
+        while machinepy(bus_address, "list").stdout != "0 containers listed.\n":
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    finally:
+        daemon.terminate()
+        daemon.wait(TIMEOUT)
+
+
+def test_install_units_into_a_root(tmp_path: Path) -> None:
+    r = subprocess.run([*MACHINEPY, "install-units", f"--root={tmp_path}"],
+                       capture_output=True, text=True, timeout=TIMEOUT)
+    assert r.returncode == 0, r.stderr
+    service = (tmp_path / "etc/systemd/system/machinepy.service").read_text()
+    assert f"ExecStart={sys.executable} -m machinepy daemon\n" in service
+    assert "BusName=io.machinepy1" in service and "KillMode=process" in service
+    assert "FileDescriptorStoreMax=" in service
+    template = (tmp_path / "etc/systemd/system/machinepy@.service").read_text()
+    assert "boot /var/lib/machines/%i --machine=%i" in template
+    activation = (tmp_path / "usr/share/dbus-1/system-services/io.machinepy1.service")
+    assert "SystemdService=machinepy.service" in activation.read_text()
+    policy = (tmp_path / "etc/dbus-1/system.d/io.machinepy1.conf").read_text()
+    assert 'send_member="ListContainers"' in policy and 'own="io.machinepy1"' in policy
