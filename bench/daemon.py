@@ -1,0 +1,181 @@
+# SPDX-License-Identifier: BSD-2-Clause
+"""The io.machinepy1 daemon: start latency vs systemd-nspawn, and 100 containers in one daemon.
+
+    python3 bench/daemon.py [--runs 20] [--containers 100] [--root BUSYBOX_ROOT]
+
+Runs `machinepy daemon` on a private dbus-daemon (no machined registration on
+either side: `Register=false` and `systemd-nspawn --register=no`), then, in
+the same run on the same busybox root:
+
+- start: CreateContainer sent → reply (the reply comes once the container's
+  command has been exec'd) vs a whole `systemd-nspawn /bin/true` one-shot;
+  goal <= 0.5x;
+- N containers in one daemon: time to start them all (one CreateContainer
+  after the other), the daemon's RSS, ListContainers latency (median of 50)
+  and the daemon's CPU time over 5 idle seconds.
+  Goals: < 10 s, < 80 MiB, < 10 ms, ~0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import REPO, Result, interpreter, print_table, time_command
+
+BUS_CONFIG = """<busconfig>
+  <type>system</type>
+  <listen>unix:path={path}</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow user="*"/><allow own="*"/><allow send_destination="*"/><allow receive_sender="*"/>
+  </policy>
+</busconfig>
+"""
+GOAL_RATIO = 0.5
+GOALS = {"start all": 10.0, "rss MiB": 80.0, "ListContainers ms": 10.0}
+IDLE_SECONDS = 5.0
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def measure(address: str, root: str, runs: int, count: int,
+                  daemon_pid: int) -> tuple[list[float], dict[str, float]]:
+    from dbus_fast import Message, MessageType, Variant
+    from dbus_fast.aio import MessageBus
+
+    bus = await MessageBus(bus_address=address).connect()
+    opts = {"Register": Variant("b", False)}
+
+    async def call(member: str, sig: str = "", *body: object) -> list[object]:
+        reply = await bus.call(Message(destination="io.machinepy1", path="/io/machinepy1",
+                                       interface="io.machinepy1.Manager", member=member,
+                                       signature=sig, body=list(body)))
+        assert reply is not None
+        if reply.message_type == MessageType.ERROR:
+            raise RuntimeError(f"{member}: {reply.error_name}: {reply.body}")
+        return list(reply.body)
+
+    async def gone(name: str) -> None:
+        while any(row[0] == name for row in (await call("ListContainers"))[0]):  # type: ignore[union-attr]
+            await asyncio.sleep(0.01)
+
+    starts = []
+    for i in range(runs + 2):
+        t0 = time.perf_counter()
+        await call("CreateContainer", "ssasa{sv}", f"lat-{i}", root, ["/bin/sleep", "1000"],
+                   opts)
+        if i >= 2:  # warm-up
+            starts.append(time.perf_counter() - t0)
+        await call("TerminateContainer", "s", f"lat-{i}")
+        await gone(f"lat-{i}")
+
+    t0 = time.perf_counter()
+    for i in range(count):
+        await call("CreateContainer", "ssasa{sv}", f"many-{i}", root, ["/bin/sleep", "100000"],
+                   opts)
+    stats = {"start all": time.perf_counter() - t0}
+    assert len((await call("ListContainers"))[0]) == count  # type: ignore[arg-type]
+    stats["rss MiB"] = rss_mib(daemon_pid)
+    latencies = []
+    for _ in range(50):
+        t0 = time.perf_counter()
+        await call("ListContainers")
+        latencies.append(time.perf_counter() - t0)
+    stats["ListContainers ms"] = statistics.median(latencies) * 1e3
+    cpu0 = cpu_seconds(daemon_pid)
+    await asyncio.sleep(IDLE_SECONDS)
+    stats["idle CPU %"] = (cpu_seconds(daemon_pid) - cpu0) / IDLE_SECONDS * 100
+    for i in range(count):
+        await call("TerminateContainer", "s", f"many-{i}")
+    while (await call("ListContainers"))[0]:
+        await asyncio.sleep(0.05)
+    bus.disconnect()
+    return starts, stats
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--containers", type=int, default=100)
+    parser.add_argument("--root", help="busybox rootfs (default: the cached test rootfs)")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("bench/daemon.py needs root")
+    if args.root:
+        root = args.root
+    else:
+        sys.path.insert(0, str(REPO))
+        from tests.rootfs import cached_busybox_rootfs
+
+        root = str(cached_busybox_rootfs())
+    tmp = Path(tempfile.mkdtemp(prefix="mpy-bench-daemon-"))
+    conf = tmp / "bus.conf"
+    conf.write_text(BUS_CONFIG.format(path=tmp / "bus"))
+    bus = subprocess.Popen(["dbus-daemon", f"--config-file={conf}", "--nofork",
+                            "--print-address=1"], stdout=subprocess.PIPE,
+                           stderr=subprocess.DEVNULL, text=True)
+    daemon = None
+    try:
+        assert bus.stdout is not None
+        address = bus.stdout.readline().strip()
+        daemon = subprocess.Popen([interpreter(), "-m", "machinepy", "daemon",
+                                   f"--bus-address={address}", f"--state-dir={tmp / 'state'}"],
+                                  stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while subprocess.run(["busctl", f"--address={address}", "status", "io.machinepy1"],
+                             capture_output=True).returncode != 0:
+            if time.monotonic() > deadline or daemon.poll() is not None:
+                raise SystemExit("the daemon did not start")
+            time.sleep(0.05)
+        starts, stats = asyncio.run(measure(address, root, args.runs, args.containers,
+                                            daemon.pid))
+    finally:
+        if daemon is not None:
+            daemon.terminate()
+            daemon.wait(30)
+        bus.terminate()
+        bus.wait(10)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    results = [Result("machinepy daemon: CreateContainer → running", starts)]
+    if shutil.which("systemd-nspawn"):
+        results.append(time_command("systemd-nspawn --register=no /bin/true",
+                                    ["systemd-nspawn", "--register=no", "--keep-unit", "-q",
+                                     "-D", root, "/bin/true"], args.runs))
+    print_table(results, "systemd-nspawn --register=no /bin/true",
+                f"start, median of {args.runs} runs (same machine, same run)")
+    if len(results) > 1 and results[1].times:
+        ratio = results[0].median / results[1].median
+        print(f"goal: <= {GOAL_RATIO}x nspawn; {ratio:.2f}x: "
+              f"{'MET' if ratio <= GOAL_RATIO else 'NOT MET'}")
+    print(f"\n{args.containers} containers in one daemon")
+    for key, value in stats.items():
+        goal = GOALS.get(key)
+        met = "MET" if goal is not None and value < goal else "NOT MET"
+        verdict = "" if goal is None else f" (goal < {goal:g}: {met})"
+        print(f"  {key:<20} {value:>9.2f}{verdict}")
+
+
+if __name__ == "__main__":
+    main()
