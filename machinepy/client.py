@@ -57,8 +57,8 @@ class Client:
         return cls(bus)
 
     async def call(self, path: str, iface: str, member: str, sig: str = "",
-                   body: Sequence[Any] = ()) -> Message:
-        msg = Message(destination=BUS_NAME, path=path, interface=iface, member=member,
+                   body: Sequence[Any] = (), destination: str = BUS_NAME) -> Message:
+        msg = Message(destination=destination, path=path, interface=iface, member=member,
                       signature=sig, body=list(body))
         async with asyncio.timeout(CALL_TIMEOUT):
             reply = await self.bus.call(msg)
@@ -245,7 +245,7 @@ async def attach(client: Client, argv: list[str]) -> int:
     args = p.parse_args(argv)
     await client.call("/org/freedesktop/DBus", "org.freedesktop.DBus", "AddMatch", "s",
                       [f"type='signal',interface='{MANAGER_IFACE}',member='ContainerRemoved',"
-                       f"arg0='{args.name}'"])
+                       f"arg0='{args.name}'"], destination="org.freedesktop.DBus")
     reply = await client.call(MANAGER_PATH, MANAGER_IFACE, "OpenConsole", "s", [args.name])
     master = reply.unix_fds[reply.body[0]]
     loop = asyncio.get_running_loop()

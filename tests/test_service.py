@@ -601,3 +601,30 @@ def test_install_units_into_a_root(tmp_path: Path) -> None:
     assert "SystemdService=machinepy.service" in activation.read_text()
     policy = (tmp_path / "etc/dbus-1/system.d/io.machinepy1.conf").read_text()
     assert 'send_member="ListContainers"' in policy and 'own="io.machinepy1"' in policy
+
+
+@pytest.mark.root
+def test_cli_attach_relays_the_console_until_the_container_ends(bus_address: str,
+                                                                 tmp_path: Path) -> None:
+    daemon = start_daemon(bus_address, tmp_path / "state")
+    try:
+        r = machinepy(bus_address, "start", "ticker", "/", "--register=no", "--", "/bin/sh",
+                      "-c", "while :; do echo tick; sleep 0.1; done")
+        assert r.returncode == 0, r.stderr
+        attach = subprocess.Popen([*MACHINEPY, "attach", "ticker"], stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env={**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": bus_address})
+        try:
+            assert attach.stdout is not None
+            assert attach.stdout.readline().strip() == "tick"
+            assert machinepy(bus_address, "terminate", "ticker").returncode == 0
+            _out, err = attach.communicate(timeout=TIMEOUT)
+        finally:
+            if attach.poll() is None:
+                attach.kill()
+                attach.wait()
+        assert attach.returncode == 0
+        assert "Attached to ticker." in err and "Detached from ticker." in err
+    finally:
+        daemon.terminate()
+        daemon.wait(TIMEOUT)
