@@ -269,3 +269,29 @@ def test_malformed_calls_leave_the_daemon_up_and_nothing_behind(host: Any) -> No
     assert "machine-" not in host.run(["systemctl", "list-units", "--all", "--no-legend",
                                        "machine-*"]).stdout
     assert host.run(["ls", "-A", "/run/systemd/nspawn/propagate"]).stdout.strip() == ""
+
+
+def test_template_unit_boots_var_lib_machines(host: Any, debian_rootfs: Path) -> None:
+    # A throw-away overlay of the cached rootfs, mounted in the test host only.
+    r = host.shell(
+        "set -e; mkdir -p /tmp/deb-upper /tmp/deb-work /var/lib/machines/svc-deb; "
+        f"mount -t overlay overlay -o lowerdir={debian_rootfs},upperdir=/tmp/deb-upper,"
+        "workdir=/tmp/deb-work /var/lib/machines/svc-deb")
+    assert r.returncode == 0, r.stderr
+    try:
+        # Type=notify: returns once the container's systemd has sent READY=1.
+        r = host.run(["systemctl", "start", "machinepy@svc-deb.service"], timeout=120)
+        assert r.returncode == 0, r.stderr + host.run(
+            ["journalctl", "-u", "machinepy@svc-deb", "--no-pager"]).stdout[-2000:]
+        show = host.run(["machinectl", "show", "svc-deb", "-p", "Service", "-p", "Class"])
+        assert sorted(show.stdout.split()) == ["Class=container", "Service=machinepy"]
+        r = host.run(["machinectl", "shell", "-q", "svc-deb", "/bin/sh", "-c",
+                      "systemctl is-system-running --wait"], timeout=60)
+        assert r.stdout.strip() in ("running", "degraded"), r.stdout + r.stderr
+        assert host.run(["systemctl", "stop", "machinepy@svc-deb.service"],
+                        timeout=120).returncode == 0
+        assert "svc-deb" not in host.run(["machinectl", "list"]).stdout
+    finally:
+        host.run(["systemctl", "stop", "machinepy@svc-deb.service"], timeout=120)
+        host.shell("umount /var/lib/machines/svc-deb; rm -rf /tmp/deb-upper /tmp/deb-work; "
+                   "rmdir /var/lib/machines/svc-deb")
