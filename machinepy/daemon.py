@@ -278,8 +278,13 @@ class Daemon:
         await service.start()
         loop = asyncio.get_running_loop()
         stop = loop.create_future()
+
+        def request_stop() -> None:
+            if not stop.done():
+                stop.set_result(None)
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
+            loop.add_signal_handler(sig, request_stop)
         disconnected = asyncio.ensure_future(bus.wait_for_disconnect())  # type: ignore[no-untyped-call]
         self.notify(f"READY=1\nSTATUS={len(service.entries)} containers "
                     f"({adopted} adopted)")

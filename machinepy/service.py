@@ -26,7 +26,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NamedTuple, Protocol
 
-from dbus_fast import Message, MessageFlag, MessageType, Variant
+from dbus_fast import ArgDirection, Message, MessageFlag, MessageType, PropertyAccess, Variant
 from dbus_fast import introspection as intr
 from dbus_fast.aio import MessageBus
 
@@ -46,7 +46,7 @@ DBUS = "org.freedesktop.DBus"
 PROPERTIES = "org.freedesktop.DBus.Properties"
 INTROSPECTABLE = "org.freedesktop.DBus.Introspectable"
 VERSION = "1"
-LOCK_OWNER_TIMEOUT = 25.0  # GetConnectionUnixUser, as sd-bus's method timeout
+UID_TIMEOUT = 25.0  # GetConnectionUnixUser; sd-bus's default method timeout
 
 
 class ServiceError(Exception):
@@ -118,12 +118,12 @@ def _interface(name: str, methods: Sequence[Method], props: Sequence[tuple[str, 
                signals: Sequence[tuple[str, Sequence[tuple[str, str]]]] = ()) -> intr.Interface:
     return intr.Interface(
         name,
-        methods=[intr.Method(m.name, [intr.Arg(s, intr.ArgDirection.IN, n) for n, s in m.args],
-                             [intr.Arg(s, intr.ArgDirection.OUT, n) for n, s in m.returns])
+        methods=[intr.Method(m.name, [intr.Arg(s, ArgDirection.IN, n) for n, s in m.args],
+                             [intr.Arg(s, ArgDirection.OUT, n) for n, s in m.returns])
                  for m in methods],
-        signals=[intr.Signal(n, [intr.Arg(s, intr.ArgDirection.OUT, a) for a, s in args])
+        signals=[intr.Signal(n, [intr.Arg(s, ArgDirection.OUT, a) for a, s in args])
                  for n, args in signals],
-        properties=[intr.Property(n, s, intr.PropertyAccess.READ) for n, s in props],
+        properties=[intr.Property(n, s, PropertyAccess.READ) for n, s in props],
     )
 
 
@@ -418,7 +418,8 @@ class Service:
         sup.container.on_state = lambda c: self._changed(entry)
         self._add(entry)
         task = self._watch(entry, sup.run())
-        await asyncio.wait([started, task], return_when=asyncio.FIRST_COMPLETED)
+        waiting: list[asyncio.Future[Any]] = [started, task]
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         if started.done() and started.exception() is None:
             return entry
         # Failed: wait for the supervisor's clean-up, so nothing is left when we answer.
@@ -580,7 +581,7 @@ class Service:
     async def caller_uid(self, sender: str) -> int:
         uid = self._uids.get(sender)
         if uid is None:
-            async with asyncio.timeout(LOCK_OWNER_TIMEOUT):
+            async with asyncio.timeout(UID_TIMEOUT):
                 (uid,) = await self._bus_call("GetConnectionUnixUser", "s", [sender])
             self._uids[sender] = uid
         return uid
