@@ -92,7 +92,7 @@ def _mount_at(root_fd: int, target: str, create: Create, source: str | None, fst
     try:
         linux.mount(source, _fd_path(fd), fstype, flags, data)
     except OSError as e:
-        what = f"mount {fstype or 'bind'}: {os.strerror(e.errno)}"
+        what = f"mount {fstype or 'bind'}: {e.strerror}"
         raise OSError(e.errno, what, target) from None
     finally:
         os.close(fd)
@@ -106,7 +106,7 @@ def _remount_ro(root_fd: int, target: str) -> None:
         flags = linux.mount_flags_of(path)
         linux.mount(None, path, None, MS_BIND | MS_REMOUNT | MS_RDONLY | flags)
     except OSError as e:
-        raise OSError(e.errno, f"remount read-only: {os.strerror(e.errno)}", target) from None
+        raise OSError(e.errno, f"remount read-only: {e.strerror}", target) from None
     finally:
         os.close(fd)
 
@@ -225,7 +225,7 @@ class Overlay(NamedTuple):
             data = f"lowerdir={lower},upperdir={self.upper},workdir={self.work}"
             linux.mount("overlay", lower, "overlay", 0, data)
         except OSError as e:
-            raise OSError(e.errno, f"mount overlay: {os.strerror(e.errno)}", self.target) from None
+            raise OSError(e.errno, f"mount overlay: {e.strerror}", self.target) from None
         finally:
             os.close(fd)
 

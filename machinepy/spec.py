@@ -11,7 +11,7 @@ import ipaddress
 import os
 import re
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 if TYPE_CHECKING:
     import uuid
@@ -174,7 +174,7 @@ def parse_netif_route(spec: str) -> NetifRoute:
 class IdMap(NamedTuple):
     inside: int
     outside: int
-    count: int
+    count: int  # type: ignore[assignment]  # shadows tuple.count, as pflask names it
 
 
 ID_MAX = 2**32 - 1
@@ -278,7 +278,7 @@ class ContainerSpec(NamedTuple):
     notify_ready: bool = False
     machine_id: uuid.UUID | None = None  # None: a random one, made when needed
 
-    def replace(self, **changes: object) -> ContainerSpec:
+    def replace(self, **changes: Any) -> ContainerSpec:
         return self._replace(**changes)
 
 

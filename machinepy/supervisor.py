@@ -311,7 +311,7 @@ class Supervisor:
                 fut.set_result(bytes(data))
 
         loop.add_reader(child.status_r, readable)
-        raw = await fut
+        raw: bytes = await fut
         return raw.decode(errors="replace").strip().removeprefix("ERR ")
 
     async def _wait_leader(self, child: Spawned) -> os.waitid_result:
