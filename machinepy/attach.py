@@ -138,6 +138,11 @@ def attach(key: str) -> int:
         conn.connect(socket_address(key))
         msg, fds, _, _ = socket.recv_fds(conn, len(GREETING), 1)
     except OSError as e:
+        if not key.isdigit() and _service_has(key):
+            # Not a `run --detach` supervisor's: a container of the D-Bus service.
+            from machinepy import client
+
+            return client.main(["attach", key])
         print(f"machinepy: cannot attach to '{key}': {e.strerror or e}", file=sys.stderr)
         return 1
     if msg != GREETING or not fds:
@@ -154,6 +159,23 @@ def attach(key: str) -> int:
         conn.close()
     print(f"\nDetached from {key}.", file=sys.stderr)
     return 0
+
+
+def _service_has(name: str) -> bool:
+    """Whether io.machinepy1 runs and knows NAME; False on any trouble."""
+    from machinepy.machined import system_bus_available
+
+    if not system_bus_available():
+        return False
+    import subprocess
+
+    try:
+        r = subprocess.run(["busctl", "--system", "--auto-start=no", "call", "io.machinepy1",
+                            "/io/machinepy1", "io.machinepy1.Manager", "GetContainer", "s",
+                            name], capture_output=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return r.returncode == 0
 
 
 def daemonize() -> tuple[int, int] | None:

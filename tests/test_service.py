@@ -604,14 +604,17 @@ def test_install_units_into_a_root(tmp_path: Path) -> None:
 
 
 @pytest.mark.root
+@pytest.mark.parametrize("verb", [["attach"], ["run", "-a"]], ids=["attach", "run-a"])
 def test_cli_attach_relays_the_console_until_the_container_ends(bus_address: str,
-                                                                 tmp_path: Path) -> None:
+                                                                 tmp_path: Path,
+                                                                 verb: list[str]) -> None:
     daemon = start_daemon(bus_address, tmp_path / "state")
     try:
         r = machinepy(bus_address, "start", "ticker", "/", "--register=no", "--", "/bin/sh",
                       "-c", "while :; do echo tick; sleep 0.1; done")
         assert r.returncode == 0, r.stderr
-        attach = subprocess.Popen([*MACHINEPY, "attach", "ticker"], stdin=subprocess.DEVNULL,
+        # `run -a NAME` falls back to the service when no `run -d` supervisor has NAME.
+        attach = subprocess.Popen([*MACHINEPY, *verb, "ticker"], stdin=subprocess.DEVNULL,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                   env={**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": bus_address})
         try:
