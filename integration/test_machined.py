@@ -400,3 +400,36 @@ def test_properties_reach_the_scope(
     testhost.run(["machinectl", "terminate", "props"])
     p.wait(30)
     assert_nothing_left(testhost, "props", host_mounts)
+
+
+def test_private_users_pick_boots_debian(
+    testhost: Any, host_mounts: set[str], debian_rootfs: Path
+) -> None:
+    """A whole OS in a user namespace: the tree shifted once, the scope delegated to it."""
+    root = "/var/tmp/mpytest-pick/root"
+    assert testhost.run(["sh", "-c", f"mkdir -p -m 755 /var/tmp/mpytest-pick && "
+                                     f"cp -a {debian_rootfs} {root}"], timeout=120).returncode == 0
+    try:
+        r = testhost.run([*MACHINEPY, "boot", root, "--machine", "deb-pick",
+                          "--private-users=pick", "--detach"], timeout=120)
+        assert (r.returncode, r.stdout.strip()) == (0, "deb-pick"), r.stderr
+        base = int(testhost.run(["stat", "-c", "%u", root]).stdout)
+        assert base % 65536 == 0 and base >= 0x80000
+
+        def running() -> bool:
+            r = testhost.run(["machinectl", "shell", "-q", "deb-pick", "/bin/systemctl",
+                              "is-system-running"], timeout=10)
+            return r.stdout.strip() in ("running", "degraded")
+
+        wait_for(running, 60, "deb-pick to boot")
+        r = testhost.run(["machinectl", "shell", "-q", "deb-pick", "/bin/sh", "-c",
+                          "cat /proc/self/uid_map; systemctl --failed --no-legend"])
+        assert r.stdout.split() == ["0", str(base), "65536"], r.stdout
+        assert testhost.run(["machinectl", "poweroff", "deb-pick"]).returncode == 0
+        wait_for(lambda: "deb-pick" not in listed(testhost), 30, "deb-pick to power off")
+        wait_for(lambda: not testhost.run(["pgrep", "-f", "machinepy boot"]).stdout, 15,
+                 "the background supervisor to exit")
+        assert_nothing_left(testhost, "deb-pick", host_mounts)
+    finally:
+        testhost.run(["machinectl", "terminate", "deb-pick"])
+        testhost.run(["rm", "-rf", "/var/tmp/mpytest-pick"], timeout=120)

@@ -74,6 +74,8 @@ def _container_options(p: argparse.ArgumentParser, *, boot: bool) -> None:
     p.add_argument("--netif-route", action="append", default=[], metavar="NAME=DEST[,via=GW]")
     p.add_argument("-e", "--user-map", action="append", default=[],
                    metavar="CT_ID:HOST_ID:COUNT", help="user namespace id map")
+    p.add_argument("--private-users", choices=("pick", "no"), default="no",
+                   help="pick: a free 65536-id range; the root tree is shifted into it once")
     p.add_argument("-b", "--caps", action="append", default=[], metavar="[+-]CAP,...",
                    help="adjust the capability bounding set")
     p.add_argument("-g", "--cgroup", action="append", default=[], metavar="CONTROLLER",
@@ -109,7 +111,7 @@ def _namespaces(args: argparse.Namespace) -> frozenset[str]:
     ns = {"mount", "pid", "ipc", "uts", "cgroup"}
     if args.netif:
         ns.add("net")
-    if args.user_map:
+    if args.user_map or args.private_users == "pick":
         ns.add("user")
     return frozenset(n for n in ns if not getattr(args, f"no_{n}", False) and n in NAMESPACES)
 
@@ -167,6 +169,7 @@ def spec_from_args(args: argparse.Namespace) -> ContainerSpec:
         register=args.register,
         properties=tuple(props),
         notify_ready=args.notify_ready,
+        private_users=args.private_users == "pick",
     )
 
 
@@ -246,6 +249,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         spec = validate(spec_from_args(args))
     except (UsageError, SpecError) as e:
         print(f"machinepy: {e}", file=sys.stderr)
+        return 2
+    if os.geteuid() != 0 and spec.private_users:
+        print("machinepy: --private-users=pick must be run as root (it shifts the tree's "
+              "owners)", file=sys.stderr)
         return 2
     if os.geteuid() != 0 and "user" not in spec.namespaces:
         print("machinepy: must be run as root (or with --user-map for a user namespace)",

@@ -137,6 +137,11 @@ class Sysfs(NamedTuple):
                       NOSUID_NODEV_NOEXEC | MS_RDONLY, None)
         except PermissionError:
             BindMount("/sys", self.target, read_only=True).apply(root_fd)
+            # The host's cgroup tree is not the container's business, and its own
+            # cgroup2 could not be mounted right on top of it: the kernel refuses a
+            # superblock over a mount of itself (EBUSY).  An empty layer between.
+            FsMount("tmpfs", f"{self.target}/fs/cgroup", NOSUID_NODEV_NOEXEC | MS_RDONLY,
+                    "mode=755,size=0").apply(root_fd)
 
 
 class BindMount(NamedTuple):

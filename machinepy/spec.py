@@ -276,6 +276,7 @@ class ContainerSpec(NamedTuple):
     register: bool = True
     properties: tuple[UnitProperty, ...] = ()
     notify_ready: bool = False
+    private_users: bool = False  # --private-users=pick: maps chosen at start-up
     machine_id: uuid.UUID | None = None  # None: a random one, made when needed
 
     def replace(self, **changes: Any) -> ContainerSpec:
@@ -305,7 +306,14 @@ def validate(spec: ContainerSpec) -> ContainerSpec:
         raise SpecError("--netif needs a network namespace (drop --no-netns)")
     if spec.user_maps and "user" not in spec.namespaces:
         raise SpecError("--user-map needs a user namespace (drop --no-userns)")
-    if "user" in spec.namespaces and not spec.user_maps:
+    if spec.private_users:
+        if spec.user_maps:
+            raise SpecError("--private-users=pick picks the id maps: drop --user-map")
+        if spec.root is None:
+            raise SpecError("--private-users=pick needs a root directory (its tree is shifted)")
+        if "user" not in spec.namespaces:
+            raise SpecError("--private-users=pick needs a user namespace (drop --no-userns)")
+    elif "user" in spec.namespaces and not spec.user_maps:
         raise SpecError("a user namespace needs at least one --user-map")
     check_user_maps(spec.user_maps)
     inside = {n.inside for n in spec.netifs}

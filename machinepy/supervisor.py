@@ -83,6 +83,33 @@ def sweep_propagate_dirs() -> None:
                 os.rmdir(path)
 
 
+def delegate_cgroup(leader: int, uid: int) -> None:
+    """Hand the scope's cgroup to the container's root, as nspawn does with -U.
+
+    The scope is delegated (Delegate=yes), but its directory and the files a
+    delegatee writes belong to the host's root: systemd inside a user namespace
+    could not create its own subtree.  The list of files is the kernel's.
+    """
+    try:
+        with open(f"/proc/{leader}/cgroup") as f:
+            path = next(line[3:].strip() for line in f if line.startswith("0::"))
+        with open("/proc/self/mountinfo") as f:
+            mount = next(line.split()[4] for line in f
+                         if " - cgroup2 " in line and line.split()[3] == "/")
+        with open("/sys/kernel/cgroup/delegate") as f:
+            files = f.read().split()
+    except (OSError, StopIteration) as e:
+        raise SpawnError(f"delegating the cgroup to the container: {e}") from None
+    directory = mount + path
+    for name in (".", *files):
+        try:
+            os.chown(os.path.join(directory, name), uid, uid)
+        except FileNotFoundError:
+            pass  # that controller's file: not enabled here
+        except OSError as e:
+            raise SpawnError(f"chown {directory}/{name}: {e.strerror}") from None
+
+
 def exit_status(res: os.waitid_result) -> int:
     if res.si_code == os.CLD_EXITED:
         return res.si_status
@@ -191,6 +218,22 @@ class Supervisor:
     # -- main ---------------------------------------------------------------
 
     async def run(self) -> int:
+        with contextlib.ExitStack() as hold:
+            if self.spec.private_users and not self.spec.user_maps:
+                from machinepy.spec import IdMap
+                from machinepy.userns import RANGE, UsernsError, private_range
+
+                assert self.spec.root is not None
+                try:
+                    base = hold.enter_context(private_range(self.spec.root))
+                except UsernsError as e:
+                    self.on_error(str(e))
+                    return 1
+                self.spec = self.container.spec = self.spec.replace(
+                    user_maps=(IdMap(0, base, RANGE),))
+            return await self._run()
+
+    async def _run(self) -> int:
         loop = self.loop
         signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) if self.handle_signals else ()
         for sig in signals:
@@ -236,6 +279,8 @@ class Supervisor:
                 write_id_maps(child.leader, self.spec)
                 await self._setup_network(stack)
                 propagate = await self._register(stack)
+                if c.registered and self.spec.user_maps:
+                    delegate_cgroup(child.leader, self.spec.user_maps[0].outside)
             except SpawnError as e:
                 self.on_error(str(e))
                 return 1

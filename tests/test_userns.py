@@ -139,3 +139,54 @@ def test_unprivileged_user_without_user_map_is_refused(
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
         "machinepy: must be run as root (or with --user-map for a user namespace)"]
+
+
+# -- --private-users=pick -------------------------------------------------------------
+
+
+@pytest.fixture
+def own_root(busybox_root: Path) -> Iterator[Path]:
+    """A copy of the busybox root: pick shifts its owners for good."""
+    parent = Path(tempfile.mkdtemp(prefix="mpytest-pick-", dir="/var/tmp"))
+    parent.chmod(0o755)  # the container's root (an unprivileged uid outside) must reach it
+    root = parent / "root"
+    shutil.copytree(busybox_root, root, symlinks=True)
+    suid = root / "usr" / "suid-tool"
+    suid.write_text("#!/bin/sh\n")
+    suid.chmod(0o4755)
+    yield root
+    shutil.rmtree(parent)
+
+
+def test_private_users_pick_shifts_the_tree_once(own_root: Path) -> None:
+    script = "id -u; cat /proc/self/uid_map; stat -c %u:%g /bin /etc/passwd; touch /root/new"
+    r = run([*MACHINEPY, "--private-users=pick", "-r", str(own_root), "--", "/bin/sh", "-c",
+             script])
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    inside, base, count = (int(x) for x in lines[1].split())
+    assert (lines[0], inside, count) == ("0", 0, 65536)
+    assert base % 65536 == 0 and 0x80000 <= base <= 0x6FFF0000
+    assert lines[2:4] == ["0:0", "0:0"]  # root's files are root's inside
+    for path in (own_root, own_root / "bin", own_root / "root" / "new"):
+        st = path.lstat()
+        assert (st.st_uid, st.st_gid) == (base, base), path
+    assert (own_root / "usr" / "suid-tool").stat().st_mode & 0o7777 == 0o4755  # kept
+    # The tree now carries its range: the next run takes the same one, changing nothing.
+    r = run([*MACHINEPY, "--private-users=pick", "-r", str(own_root), "--", "cat",
+             "/proc/self/uid_map"])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["0", str(base), "65536"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--private-users=pick", "--", "true"], "needs a root directory"),
+    (["--private-users=pick", "-e", "0:100000:65536", "-r", "/", "--", "true"],
+     "drop --user-map"),
+    (["--private-users=maybe", "--", "true"], "invalid choice"),
+])
+def test_private_users_bad_input_is_one_line(args: list[str], message: str) -> None:
+    r = run([*MACHINEPY, *args])
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], r.stderr

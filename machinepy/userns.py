@@ -1,0 +1,160 @@
+# SPDX-License-Identifier: BSD-2-Clause
+"""`--private-users=pick`: a free 65536-id range, and a root tree owned by it.
+
+As systemd-nspawn: a tree whose root directory is already owned by a
+multiple of 65536 keeps that range (it was shifted before); otherwise a range
+is picked from a hash of the root's path, checked against /etc/subuid,
+/etc/subgid, the users in passwd and the maps of every running user
+namespace, and held with an abstract socket for the supervisor's lifetime.
+The tree is then shifted into it once, with lchown (the documented fallback:
+this kernel's idmapped mounts need the filesystem's cooperation, and overlay
+roots would need them on every layer).  Shifting is idempotent and the root
+directory is done last, so an interrupted shift is finished by the next run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import stat
+import zlib
+from collections.abc import Iterator
+
+RANGE = 0x10000
+FIRST_BASE = 0x80000  # nspawn's pick range: 0x00080000 … 0x6FFF0000
+LAST_BASE = 0x6FFF0000
+TRIES = 128
+
+
+class UsernsError(Exception):
+    """One line, shown as `machinepy: MESSAGE`."""
+
+
+def _ranges_from(path: str) -> Iterator[tuple[int, int]]:
+    try:
+        with open(path) as f:
+            for line in f:
+                fields = line.strip().split(":")
+                if len(fields) == 3 and fields[1].isdigit() and fields[2].isdigit():
+                    yield int(fields[1]), int(fields[2])
+    except OSError:
+        return
+
+
+def _maps_in_use() -> Iterator[tuple[int, int]]:
+    """Outside ranges of every user namespace a process lives in (not the initial one)."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        for name in ("uid_map", "gid_map"):
+            try:
+                with open(f"/proc/{pid}/{name}") as f:
+                    lines = f.read().splitlines()
+            except OSError:
+                continue
+            for line in lines:
+                inside, outside, count = (int(x) for x in line.split())
+                if (inside, outside, count) != (0, 0, 0xFFFFFFFF):
+                    yield outside, count
+
+
+def _taken(base: int) -> bool:
+    def overlaps(start: int, count: int) -> bool:
+        return start < base + RANGE and base < start + count
+
+    import pwd
+
+    if any(base <= p.pw_uid < base + RANGE for p in pwd.getpwall()):
+        return True
+    for start, count in (*_ranges_from("/etc/subuid"), *_ranges_from("/etc/subgid")):
+        if overlaps(start, count):
+            return True
+    return any(overlaps(start, count) for start, count in _maps_in_use())
+
+
+def _lock(base: int) -> socket.socket | None:
+    """Hold BASE while we run: released by the kernel when we die, SIGKILL included."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        sock.bind(f"\0machinepy/uid-range/{base}")
+    except OSError:
+        sock.close()
+        return None
+    return sock
+
+
+def shifted_base(root: str) -> int | None:
+    """The range a tree was shifted into before, from its root directory's owner."""
+    st = os.lstat(root)
+    if st.st_uid >= RANGE and st.st_uid % RANGE == 0 and st.st_gid == st.st_uid:
+        return st.st_uid
+    return None
+
+
+def pick(root: str) -> tuple[int, socket.socket | None]:
+    """(base, lock): the tree's own range, or a free one held by the returned socket."""
+    base = shifted_base(root)
+    if base is not None:
+        return base, None
+    slots = (LAST_BASE - FIRST_BASE) // RANGE
+    start = zlib.crc32(os.path.realpath(root).encode()) % slots
+    for i in range(TRIES):
+        base = FIRST_BASE + ((start + i) % slots) * RANGE
+        if _taken(base):
+            continue
+        lock = _lock(base)
+        if lock is not None:
+            return base, lock
+    raise UsernsError("--private-users=pick: no free 65536-id range found")
+
+
+def shift(root: str, base: int) -> int:
+    """Make the tree owned by ids BASE… instead of 0…; returns how many entries changed.
+
+    Stays on the root's filesystem.  chown(2) clears setuid/setgid bits, which
+    are put back; file capabilities (security.capability) are lost, as with
+    nspawn's chown mode.
+    """
+    root_dev = os.lstat(root).st_dev
+    changed = 0
+
+    def fix(path: str, st: os.stat_result) -> None:
+        nonlocal changed
+        uid, gid = st.st_uid, st.st_gid
+        if base <= uid < base + RANGE and base <= gid < base + RANGE:
+            return  # done by an earlier, interrupted run
+        if uid >= RANGE or gid >= RANGE:
+            raise UsernsError(f"--private-users=pick: {path} is owned by {uid}:{gid}, outside "
+                              f"0…65535: the tree belongs to another range")
+        os.lchown(path, uid + base, gid + base)
+        if not stat.S_ISLNK(st.st_mode) and st.st_mode & (stat.S_ISUID | stat.S_ISGID):
+            os.chmod(path, stat.S_IMODE(st.st_mode))
+        changed += 1
+
+    for top, dirs, files in os.walk(root, topdown=True):
+        for name in files + dirs:
+            path = os.path.join(top, name)
+            st = os.lstat(path)
+            if st.st_dev != root_dev:
+                if name in dirs:
+                    dirs.remove(name)  # a mount point: not ours to change
+                continue
+            fix(path, st)
+    fix(root, os.lstat(root))  # last: marks the tree as shifted
+    return changed
+
+
+@contextlib.contextmanager
+def private_range(root: str) -> Iterator[int]:
+    """Pick (and hold) a range for ROOT and shift the tree into it."""
+    base, lock = pick(root)
+    try:
+        try:
+            shift(root, base)
+        except OSError as e:
+            raise UsernsError(f"--private-users=pick: chown {e.filename}: {e.strerror}") from None
+        yield base
+    finally:
+        if lock is not None:
+            lock.close()
