@@ -433,3 +433,27 @@ def test_private_users_pick_boots_debian(
     finally:
         testhost.run(["machinectl", "terminate", "deb-pick"])
         testhost.run(["rm", "-rf", "/var/tmp/mpytest-pick"], timeout=120)
+
+
+def test_network_interfaces_reach_machined(
+    testhost: Any, host_mounts: set[str], busybox_root: Path
+) -> None:
+    """RegisterMachineWithNetwork: machined knows the host end of the container's veth."""
+    p = testhost.popen([*MACHINEPY, "run", "--machine", "bb-net", "-n", "veth:mpyt-ve0:host0",
+                        "-r", str(busybox_root), "--", "sleep", "1000"],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: "bb-net" in listed(testhost), 20, "bb-net to register")
+        ifindex = testhost.run(["cat", "/sys/class/net/mpyt-ve0/ifindex"]).stdout.strip()
+        # (machinectl show prints this one as [unprintable].)
+        r = testhost.run(["busctl", "get-property", "org.freedesktop.machine1",
+                          "/org/freedesktop/machine1/machine/bb_2dnet",
+                          "org.freedesktop.machine1.Machine", "NetworkInterfaces"])
+        assert r.stdout.split() == ["ai", "1", ifindex], r.stdout + r.stderr
+        assert testhost.run(["machinectl", "terminate", "bb-net"]).returncode == 0
+        assert p.wait(30) == 128 + 9
+    finally:
+        if p.poll() is None:
+            testhost.run(["machinectl", "terminate", "bb-net"])
+    assert_nothing_left(testhost, "bb-net", host_mounts)
+    assert testhost.run(["test", "-e", "/sys/class/net/mpyt-ve0"]).returncode != 0
