@@ -295,3 +295,26 @@ def test_template_unit_boots_var_lib_machines(host: Any, debian_rootfs: Path) ->
         host.run(["systemctl", "stop", "machinepy@svc-deb.service"], timeout=120)
         host.shell("umount /var/lib/machines/svc-deb; rm -rf /tmp/deb-upper /tmp/deb-work; "
                    "rmdir /var/lib/machines/svc-deb")
+
+
+def test_boot_detach_hands_the_container_to_the_service(host: Any, debian_rootfs: Path) -> None:
+    host.run(["systemctl", "stop", "machinepy.service"])
+    # Activated by the hand-off itself; our process ends once the name is printed.
+    r = host.run([*MACHINEPY, "boot", str(debian_rootfs), "--ephemeral", "--detach",
+                  "--machine", "svc-handed"], timeout=120)
+    assert (r.returncode, r.stdout, r.stderr) == (0, "svc-handed\n", ""), r.stderr
+    assert host.run(["systemctl", "is-active", "machinepy.service"]).stdout.strip() == "active"
+    assert names(host) == ["svc-handed"]
+    leader = host.run(["machinectl", "show", "svc-handed", "-p", "Leader", "--value"])
+    status = host.run(["cat", f"/proc/{leader.stdout.strip()}/status"]).stdout
+    ppid = next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:"))
+    assert int(ppid) == main_pid(host)  # supervised by the daemon, nothing else of ours
+
+    def booted() -> bool:  # `machinectl shell` needs the container's own bus up first
+        r = host.run(["machinectl", "shell", "-q", "svc-handed", "/bin/systemctl",
+                      "is-system-running", "--wait"], timeout=60)
+        return r.stdout.strip() in ("running", "degraded")
+
+    wait_for(booted, 60, "svc-handed to boot")
+    assert host.run(["machinectl", "poweroff", "svc-handed"]).returncode == 0
+    wait_for(lambda: not names(host), 60, "svc-handed to power off")

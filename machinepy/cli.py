@@ -258,7 +258,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("machinepy: must be run as root (or with --user-map for a user namespace)",
               file=sys.stderr)
         return 2
-    return _run_detached(spec) if spec.detach else _supervise(spec)
+    if not spec.detach:
+        return _supervise(spec)
+    # The daemon serves root only, and cannot forward READY=1 to our NOTIFY_SOCKET.
+    from machinepy.machined import system_bus_available
+
+    if os.geteuid() == 0 and not spec.notify_ready and system_bus_available():
+        from machinepy.client import hand_off
+
+        status = hand_off(args)
+        if status is not None:
+            return status
+    return _run_detached(spec)
 
 
 if __name__ == "__main__":

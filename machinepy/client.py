@@ -106,11 +106,12 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Variant]:
         if value:
             opts[key] = Variant(sig, value)
 
-    put("Boot", "b", args.boot)
+    put("Boot", "b", getattr(args, "boot", False) or getattr(args, "verb", "") == "boot")
     put("Hostname", "s", args.hostname)
-    put("WorkingDirectory", "s", args.chdir)
-    put("User", "s", args.user)
-    put("KeepEnvironment", "b", args.keepenv)
+    # `boot` has no --chdir, --user or --keepenv.
+    put("WorkingDirectory", "s", getattr(args, "chdir", None))
+    put("User", "s", getattr(args, "user", None))
+    put("KeepEnvironment", "b", getattr(args, "keepenv", False))
     put("Ephemeral", "b", args.ephemeral)
     put("Mounts", "as", args.mount)
     put("Environment", "as", [f"{k}={v}" for item in args.setenv for k, v in parse_setenv(item)])
@@ -118,6 +119,8 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Variant]:
     put("NetifAddresses", "as", args.netif_address)
     put("NetifRoutes", "as", args.netif_route)
     put("UserMap", "as", args.user_map)
+    if args.private_users != "no":
+        put("PrivateUsers", "s", args.private_users)
     put("Caps", "as", args.caps)
     put("Cgroups", "as", args.cgroup)
     put("Properties", "as", args.property)
@@ -140,6 +143,63 @@ async def start(client: Client, argv: list[str]) -> int:
     props = await client.properties(path)
     print(props["Name"])
     return 0
+
+
+async def _service_available(client: Client) -> bool:
+    """io.machinepy1 runs, or D-Bus can activate it (its units are installed)."""
+    dbus = ("/org/freedesktop/DBus", "org.freedesktop.DBus")
+    try:
+        owned = (await client.call(*dbus, "NameHasOwner", "s", [BUS_NAME],
+                                   destination="org.freedesktop.DBus")).body[0]
+        if owned:
+            return True
+        names = (await client.call(*dbus, "ListActivatableNames",
+                                   destination="org.freedesktop.DBus")).body[0]
+    except (CallError, TimeoutError):
+        return False
+    return BUS_NAME in names
+
+
+async def _hand_off(args: argparse.Namespace) -> int | None:
+    try:
+        client = await Client.connect()
+    except Exception:  # no system bus: OSError, auth errors
+        return None
+    try:
+        if not await _service_available(client):
+            return None
+        if args.verb == "boot":
+            root, command = os.path.abspath(args.root), args.init_args
+        else:
+            root, command = args.chroot or "/", args.command
+            if command[:1] == ["--"]:
+                command = command[1:]
+        opts = options_from_args(args)
+        # What a foreground run would inherit from us, not from the daemon.
+        opts["BaseEnvironment"] = Variant("as", [f"{k}={v}" for k, v in os.environ.items()])
+        if args.verb == "run" and args.chroot is None and args.chdir is None:  # pflask's cwd
+            opts["WorkingDirectory"] = Variant("s", os.getcwd())
+        try:
+            (path,) = await client.manager("CreateContainer", "ssasa{sv}", args.machine or "",
+                                           root, command, opts)
+            name = (await client.properties(path))["Name"]
+        except CallError as e:
+            print(f"machinepy: {e}", file=sys.stderr)
+            return 2 if e.name.endswith(".InvalidArgument") else 1
+        except TimeoutError:
+            print("machinepy: io.machinepy1 did not answer in time", file=sys.stderr)
+            return 1
+        print(name)
+        return 0
+    finally:
+        await client.close()
+
+
+def hand_off(args: argparse.Namespace) -> int | None:
+    """`run --detach` / `boot --detach`: the container goes to io.machinepy1 when
+    that runs or can be activated, so `machinepy list`, busctl and a daemon
+    restart see it.  None: no service here; the caller detaches by itself."""
+    return asyncio.run(_hand_off(args))
 
 
 # ---------------------------------------------------------------------------

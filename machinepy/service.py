@@ -16,7 +16,6 @@ adopted leader known only by its pidfd (see daemon.py).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
@@ -148,12 +147,16 @@ OPTIONS = {
     "Ephemeral": Option("b", "ephemeral"),
     "Environment": Option("as", "setenv"),
     "KeepEnvironment": Option("b", "keepenv"),
+    # NAME=VALUE entries a host-root (or KeepEnvironment) container starts from
+    # instead of the daemon's own environment: `run --detach` sends the caller's.
+    "BaseEnvironment": Option("as", "base_env"),
     "WorkingDirectory": Option("s", "chdir"),
     "User": Option("s", "user"),
     "Netifs": Option("as", "netif"),  # "" alone: a private network with only lo
     "NetifAddresses": Option("as", "netif_address"),
     "NetifRoutes": Option("as", "netif_route"),
     "UserMap": Option("as", "user_map"),
+    "PrivateUsers": Option("s", "private_users"),  # "pick" or "no", as --private-users
     "Caps": Option("as", "caps"),
     "Cgroups": Option("as", "cgroup"),
     "Properties": Option("as", "property"),
@@ -171,7 +174,7 @@ def _escape_item(text: str) -> str:
 def spec_from_options(name: str, root_directory: str, command: Sequence[str],
                       options: dict[str, Variant]) -> Any:
     """The same ContainerSpec the CLI would make; SpecError on any bad input."""
-    from machinepy.cli import spec_from_args
+    from machinepy.cli import build_parser, spec_from_args
 
     values: dict[str, Any] = {}
     for key, variant in options.items():
@@ -187,19 +190,23 @@ def spec_from_options(name: str, root_directory: str, command: Sequence[str],
     if boot and root is None:
         raise SpecError("Boot needs a root directory")
     no_ns = values.pop("no_namespaces", [])
+    base_env = values.pop("base_env", None)
+    if base_env is not None:
+        base_env = tuple(_env_entry(e) for e in base_env)
     for ns in no_ns:
         if ns not in NO_NAMESPACES:
             raise SpecError(f"unknown namespace '{ns}' in NoNamespaces")
-    lists = ("mount", "netif", "netif_address", "netif_route", "user_map", "caps", "cgroup",
-             "property")
-    args = argparse.Namespace(
+    if values.get("private_users", "no") not in ("pick", "no"):
+        raise SpecError(f"PrivateUsers must be 'pick' or 'no', not '{values['private_users']}'")
+    # Start from the CLI parser's own defaults, so a new CLI option can never be
+    # missing here; then lay the D-Bus options over them.
+    args = build_parser().parse_args(["run"])
+    vars(args).update(values)
+    vars(args).update(
         verb="boot" if boot else "run", root=root, chroot=root, command=list(command),
         init_args=list(command), machine=name or None, detach=False, notify_ready=False,
-        register=values.pop("register", True), hostname=values.get("hostname"),
-        chdir=values.get("chdir"), user=values.get("user"),
         ephemeral=bool(values.get("ephemeral")), keepenv=bool(values.get("keepenv")),
         setenv=[_escape_item(e) for e in values.get("setenv", [])],
-        **{dest: list(values.get(dest, [])) for dest in lists},
         **{f"no_{ns}": ns in no_ns for ns in NO_NAMESPACES},
     )
     if boot and root is not None and not root.startswith("/"):
@@ -214,7 +221,16 @@ def spec_from_options(name: str, root_directory: str, command: Sequence[str],
         spec = spec_from_args(args)
     except ValueError as e:  # SpecError and what parsers raise
         raise SpecError(str(e)) from None
+    if base_env is not None:
+        spec = spec.replace(base_env=base_env)
     return with_machine_id(validate(spec))
+
+
+def _env_entry(text: str) -> tuple[str, str]:
+    name, eq, value = text.partition("=")
+    if not name or not eq or "\0" in text:
+        raise SpecError(f"BaseEnvironment entry '{text}' is not NAME=VALUE")
+    return name, value
 
 
 # ---------------------------------------------------------------------------

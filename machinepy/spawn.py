@@ -56,7 +56,7 @@ def child_config(spec: ContainerSpec, *, console: int | None = None,
     except ValueError:
         pw = None
     argv = default_command(spec, pw)
-    env = container_env(spec, pw, os.environ)
+    env = container_env(spec, pw, os.environ if spec.base_env is None else dict(spec.base_env))
     if notify is not None:
         env["NOTIFY_SOCKET"] = NOTIFY_SOCKET
     user = spec.user is not None and pw is not None

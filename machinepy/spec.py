@@ -263,6 +263,9 @@ class ContainerSpec(NamedTuple):
     user: str | None = None
     setenv: tuple[tuple[str, str], ...] = ()
     keepenv: bool = False
+    # What a host-root or --keepenv container inherits; None: our own environment.
+    # The daemon gets the caller's here, so `run --detach` through it keeps it.
+    base_env: tuple[tuple[str, str], ...] | None = None
     ephemeral: bool = False
     detach: bool = False
     boot: bool = False

@@ -222,11 +222,23 @@ def test_options_mirror_the_cli(tmp_path: Path) -> None:
     ({"Boot": Variant("b", True)}, "Boot needs a root directory"),
     ({"NoNamespaces": Variant("as", ["time"])}, "unknown namespace 'time'"),
     ({"Ephemeral": Variant("b", True)}, "--ephemeral needs --chroot"),
+    ({"PrivateUsers": Variant("s", "maybe")}, "PrivateUsers must be 'pick' or 'no'"),
+    ({"BaseEnvironment": Variant("as", ["PATH"])}, "'PATH' is not NAME=VALUE"),
 ])
 def test_bad_options_are_one_line_errors(options: dict[str, Variant], message: str) -> None:
     with pytest.raises(SpecError, match=message) as e:
         spec_from_options("x", "", ["true"], options)
     assert "\n" not in str(e.value)
+
+
+def test_private_users_and_base_environment(tmp_path: Path) -> None:
+    spec = spec_from_options("x", str(tmp_path), ["true"], {
+        "PrivateUsers": Variant("s", "pick"),
+        "BaseEnvironment": Variant("as", ["HOME=/home/me", "EMPTY=", "EQ=a=b"]),
+    })
+    assert spec.private_users and "user" in spec.namespaces
+    assert spec.base_env == (("HOME", "/home/me"), ("EMPTY", ""), ("EQ", "a=b"))
+    assert spec_from_options("x", str(tmp_path), ["true"], {}).base_env is None
 
 
 def test_host_root_when_root_is_empty_or_slash() -> None:
@@ -631,3 +643,88 @@ def test_cli_attach_relays_the_console_until_the_container_ends(bus_address: str
     finally:
         daemon.terminate()
         daemon.wait(TIMEOUT)
+
+
+# ---------------------------------------------------------------------------
+# run --detach hands the container to the service when there is one
+
+
+def _ppid(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("PPid:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no PPid for {pid}")
+
+
+@pytest.mark.root
+def test_run_detach_hands_the_container_to_the_daemon(bus_address: str,
+                                                      tmp_path: Path) -> None:
+    daemon = start_daemon(bus_address, tmp_path / "state")
+    work = tmp_path / "work"
+    work.mkdir()
+    leader = 0
+    try:
+        # Host root, no --chdir: the container starts where and with what we have,
+        # not in the daemon's / with the daemon's environment.
+        r = subprocess.run([*MACHINEPY, "run", "-d", "--register=no", "--machine", "handed",
+                            "-s", "X=1", "--", "/bin/sh", "-c",
+                            'echo "$FROM_CALLER $X $PWD" > out; exec sleep 1000'],
+                           capture_output=True, text=True, timeout=TIMEOUT, cwd=work,
+                           env={**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": bus_address,
+                                "FROM_CALLER": "yes"})
+        assert (r.returncode, r.stdout, r.stderr) == (0, "handed\n", "")
+        r = machinepy(bus_address, "list", "-o", "json")
+        (row,) = json.loads(r.stdout)
+        assert (row["Name"], row["State"]) == ("handed", "running")
+        leader = row["Leader"]
+        assert _ppid(leader) == daemon.pid  # the daemon supervises it, no process of ours
+        deadline = time.monotonic() + TIMEOUT
+        while not (work / "out").exists() or not (work / "out").read_text():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert (work / "out").read_text() == f"yes 1 {work}\n"
+        # Same name again: the service's one-line error, nothing new made.
+        r = subprocess.run([*MACHINEPY, "run", "-d", "--register=no", "--machine", "handed",
+                            "--", "true"], capture_output=True, text=True, timeout=TIMEOUT,
+                           env={**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": bus_address})
+        assert (r.returncode, r.stderr) == (1, "machinepy: container 'handed' already exists\n")
+        assert machinepy(bus_address, "terminate", "handed").returncode == 0
+        deadline = time.monotonic() + TIMEOUT
+        while machinepy(bus_address, "list").stdout != "0 containers listed.\n":
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert not os.path.exists(f"/proc/{leader}")
+    finally:
+        daemon.terminate()
+        daemon.wait(TIMEOUT)
+        if leader and os.path.exists(f"/proc/{leader}"):
+            os.kill(leader, signal.SIGKILL)
+
+
+@pytest.mark.root
+def test_run_detach_without_the_service_detaches_by_itself(bus_address: str,
+                                                           busybox_root: Path) -> None:
+    # A bus, but nobody owns io.machinepy1 and nothing can activate it.
+    name = f"alone-{os.getpid()}"
+    r = subprocess.run([*MACHINEPY, "run", "-d", "--register=no", "-r", str(busybox_root),
+                        "--machine", name, "--", "/bin/sleep", "1000"],
+                       capture_output=True, text=True, timeout=TIMEOUT,
+                       env={**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": bus_address})
+    assert (r.returncode, r.stdout, r.stderr) == (0, f"{name}\n", "")
+    supervisors = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()
+                   and name.encode() in _cmdline(p) and b"-d" in _cmdline(p)]
+    assert len(supervisors) == 1
+    os.kill(supervisors[0], signal.SIGTERM)  # forwarded; sleep ignores it as PID 1
+    time.sleep(0.2)
+    os.kill(supervisors[0], signal.SIGTERM)  # the second one kills
+    deadline = time.monotonic() + TIMEOUT
+    while not gone(supervisors[0]):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def _cmdline(proc: Path) -> list[bytes]:
+    try:
+        return (proc / "cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return []
