@@ -28,13 +28,18 @@ from collections.abc import Sequence
 from typing import NamedTuple, NoReturn
 
 from machinepy import linux
-from machinepy.mounts import O_PATH, MountOp, open_in_root, propagation_ops
+from machinepy.mounts import O_PATH, MountOp, open_in_root, preopen, propagation_ops
 
 SIOCGIFFLAGS = 0x8913
 SIOCSIFFLAGS = 0x8914
 IFF_UP = 0x1
 
 NOTIFY_DIR = "/run/host"
+# Where the new root is assembled before pivot_root: a tmpfs over /tmp in the
+# container's own mount namespace (bwrap does the same), so nothing is created
+# on the host, and nothing is left there even after a SIGKILL.
+STAGING = "/tmp"
+STAGED_ROOT = f"{STAGING}/root"
 NOTIFY_SOCKET = "/run/host/notify"
 
 # Signals the supervisor handles or Python sets to SIG_IGN: restore the defaults
@@ -132,6 +137,12 @@ def container_init(cfg: ChildConfig, status_w: int, go_r: int) -> NoReturn:
             plan += propagation_ops(os.fsdecode(go[1]))
         _close_fds(keep=(status_w, *(fd for fd in (cfg.console, cfg.notify) if fd is not None),
                          *cfg.keep_fds))
+        # Host paths are opened while we still have our host credentials.
+        host_root = _open_root(cfg.root) if cfg.root is not None else -1
+        try:
+            plan, _fds = preopen(plan)
+        except OSError as e:
+            raise ChildError("bindmount", e) from None
         if cfg.unshare_flags & linux.CLONE_NEWUSER:
             # Our host uid is unmapped in the new namespace until we become its root.
             _step("become root in the user namespace", _become_ns_root)
@@ -145,7 +156,7 @@ def container_init(cfg: ChildConfig, status_w: int, go_r: int) -> NoReturn:
             _step("make mounts private", linux.mount, None, "/", None,
                   linux.MS_REC | linux.MS_SLAVE)
         if cfg.root is not None:
-            _enter_root(cfg, plan)
+            _enter_root(cfg, host_root, plan)
         else:
             _apply_plan(plan, "/")
         if cfg.console is not None:
@@ -210,21 +221,29 @@ def _apply_plan(plan: Sequence[MountOp], root: str) -> None:
         os.close(root_fd)
 
 
-def _enter_root(cfg: ChildConfig, plan: Sequence[MountOp]) -> None:
-    assert cfg.root is not None
-    root = cfg.root
-    if cfg.ephemeral:
-        root = _ephemeral_root(root)
-    else:
-        # pivot_root needs a mount point; also keeps the host's root untouched.
-        _step("bind root", linux.mount, root, root, None, linux.MS_BIND | linux.MS_REC)
-    _apply_plan(plan, root)
-    if cfg.notify is not None:
-        _bind_notify(cfg.notify, root)
+def _open_root(root: str) -> int:
     try:
-        os.chdir(root)
+        return os.open(root, O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise ChildError("open root", e) from None
+
+
+def _enter_root(cfg: ChildConfig, host_root: int, plan: Sequence[MountOp]) -> None:
+    _step("mount staging tmpfs", linux.mount, "tmpfs", STAGING, "tmpfs", linux.MS_NOSUID,
+          "mode=755")
+    _step("mkdir", os.mkdir, STAGED_ROOT, 0o755)
+    if cfg.ephemeral:
+        _ephemeral_root(host_root)
+    else:
+        _step("bind root", linux.mount, f"/proc/self/fd/{host_root}", STAGED_ROOT, None,
+              linux.MS_BIND | linux.MS_REC)
+    _apply_plan(plan, STAGED_ROOT)
+    if cfg.notify is not None:
+        _bind_notify(cfg.notify, STAGED_ROOT)
+    try:
+        os.chdir(STAGED_ROOT)
         linux.pivot_root(".", ".")
-        # The old root now sits on top of the new one: detach it.
+        # The old root now sits on top of the new one: detach it, staging and all.
         linux.umount2(".", linux.MNT_DETACH)
         os.chdir("/")
     except OSError as e:
@@ -250,23 +269,15 @@ def _bind_notify(fd: int, root: str) -> None:
         os.close(root_fd)
 
 
-def _ephemeral_root(root: str) -> str:
-    """Overlay of ROOT on a tmpfs that lives only in this mount namespace.
-
-    The tmpfs is mounted over ROOT itself (reachable beforehand through an fd),
-    so no directory is ever created on the host and a SIGKILL leaves nothing.
-    """
-    lower = os.open(root, O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    _step("mount ephemeral tmpfs", linux.mount, "tmpfs", root, "tmpfs", linux.MS_NOSUID,
-          "mode=755")
-    for d in ("upper", "work", "merged"):
-        os.mkdir(f"{root}/{d}", 0o755)
-    data = f"lowerdir=/proc/self/fd/{lower},upperdir={root}/upper,workdir={root}/work"
-    _step("mount ephemeral overlay", linux.mount, "overlay", f"{root}/merged", "overlay", 0, data)
-    os.close(lower)
-    # The tmpfs's root mode becomes the container's / mode via upper.
-    os.chmod(f"{root}/upper", os.stat(f"{root}/merged").st_mode & 0o7777)
-    return f"{root}/merged"
+def _ephemeral_root(lower: int) -> None:
+    """An overlay of the root (LOWER, an fd) at STAGED_ROOT, its upper layer on
+    the staging tmpfs: all writes vanish with the mount namespace."""
+    for d in ("upper", "work"):
+        _step("mkdir", os.mkdir, f"{STAGING}/{d}", 0o755)
+    data = f"lowerdir=/proc/self/fd/{lower},upperdir={STAGING}/upper,workdir={STAGING}/work"
+    _step("mount ephemeral overlay", linux.mount, "overlay", STAGED_ROOT, "overlay", 0, data)
+    # The upper layer's root mode becomes the container's / mode.
+    os.chmod(f"{STAGING}/upper", os.fstat(lower).st_mode & 0o7777)
 
 
 def _take_console(fd: int) -> None:

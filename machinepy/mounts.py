@@ -235,6 +235,44 @@ class Overlay(NamedTuple):
             os.close(fd)
 
 
+def _open_host(path: str, what: str) -> int:
+    try:
+        return os.open(path, O_PATH | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise FileNotFoundError(2, f"{what} missing", path) from None
+
+
+def preopen(plan: Sequence[MountOp]) -> tuple[list[MountOp], list[int]]:
+    """The plan with every host path replaced by /proc/self/fd/N of an fd opened now.
+
+    Called before the container's PID 1 becomes root of its user namespace: that
+    root is an unprivileged host uid, which a root-only parent directory (say
+    /var/lib/machines, mode 0700) would stop; nspawn mounts these before it
+    enters the namespace.  The fds are O_CLOEXEC and reached through the host's
+    /proc, which is still mounted at this point.
+    """
+    out: list[MountOp] = []
+    fds: list[int] = []
+    for op in plan:
+        if isinstance(op, BindMount):
+            try:
+                fd = _open_host(op.source, "bind source")
+            except FileNotFoundError:
+                if op.optional:
+                    continue
+                raise
+            fds.append(fd)
+            op = op._replace(source=_fd_path(fd))
+        elif isinstance(op, Overlay):
+            upper = _open_host(op.upper, "overlay upper")
+            fds.append(upper)
+            work = _open_host(op.work, "overlay work")
+            fds.append(work)
+            op = op._replace(upper=_fd_path(upper), work=_fd_path(work))
+        out.append(op)
+    return out, fds
+
+
 # ---------------------------------------------------------------------------
 # Plans
 

@@ -30,8 +30,7 @@ def run(argv: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture
 def shared_dir() -> Iterator[Path]:
-    """A directory the container's root (an unprivileged uid outside) may reach:
-    bind sources are opened with the container's credentials."""
+    """A directory the container's root (an unprivileged uid outside) may write to."""
     path = Path(tempfile.mkdtemp(prefix="mpytest-userns-", dir="/var/tmp"))
     path.chmod(0o777)
     yield path
@@ -141,14 +140,39 @@ def test_unprivileged_user_without_user_map_is_refused(
         "machinepy: must be run as root (or with --user-map for a user namespace)"]
 
 
+def test_root_only_parents_do_not_stop_the_container(busybox_root: Path) -> None:
+    """Root directory, bind sources and overlay layers below a mode-0700 directory
+    are opened with machinepy's own credentials, not the mapped root's."""
+    parent = Path(tempfile.mkdtemp(prefix="mpytest-private-", dir="/var/tmp"))
+    try:
+        shutil.copytree(busybox_root, parent / "root", symlinks=True)
+        (parent / "src").mkdir()
+        (parent / "src" / "f").write_text("from a private dir\n")
+        for d in ("upper", "work"):
+            (parent / d).mkdir()
+            (parent / d).chmod(0o777)  # written by the container's root
+        for ephemeral in ([], ["-w"]):
+            r = run([*MACHINEPY, *ephemeral, "-e", "0:300000:65536", "-r", str(parent / "root"),
+                     "-m", f"bind-ro:{parent}/src:/tmp/src",
+                     "-m", f"overlay:{parent}/upper:/tmp/over:{parent}/work",
+                     "--", "/bin/sh", "-c", "cat /tmp/src/f; echo x > /tmp/over/made"])
+            assert (r.returncode, r.stdout) == (0, "from a private dir\n"), r.stderr
+            assert (parent / "upper" / "made").stat().st_uid == 300000
+            (parent / "upper" / "made").unlink()
+    finally:
+        shutil.rmtree(parent)
+
+
 # -- --private-users=pick -------------------------------------------------------------
 
 
 @pytest.fixture
 def own_root(busybox_root: Path) -> Iterator[Path]:
     """A copy of the busybox root: pick shifts its owners for good."""
+    # Mode 0700, as /var/lib/machines: the container's root (an unprivileged uid
+    # outside) could not walk it, so machinepy opens the root before it becomes that.
     parent = Path(tempfile.mkdtemp(prefix="mpytest-pick-", dir="/var/tmp"))
-    parent.chmod(0o755)  # the container's root (an unprivileged uid outside) must reach it
+    assert parent.stat().st_mode & 0o777 == 0o700
     root = parent / "root"
     shutil.copytree(busybox_root, root, symlinks=True)
     suid = root / "usr" / "suid-tool"
