@@ -402,19 +402,23 @@ def test_properties_reach_the_scope(
     assert_nothing_left(testhost, "props", host_mounts)
 
 
+@pytest.mark.parametrize("ownership", ["map", "chown"])
 def test_private_users_pick_boots_debian(
-    testhost: Any, host_mounts: set[str], debian_rootfs: Path
+    testhost: Any, host_mounts: set[str], debian_rootfs: Path, ownership: str
 ) -> None:
-    """A whole OS in a user namespace: the tree shifted once, the scope delegated to it."""
+    """A whole OS in a user namespace, the scope delegated to its root: the tree
+    idmapped (left as it is on disk) or shifted once, below a mode-0700 directory
+    as /var/lib/machines is."""
     root = "/var/tmp/mpytest-pick/root"
-    assert testhost.run(["sh", "-c", f"mkdir -p -m 755 /var/tmp/mpytest-pick && "
+    # On a tmpfs: the test host's own root is an overlay, which takes no idmapped mounts.
+    assert testhost.run(["sh", "-c", "mkdir -p /var/tmp/mpytest-pick && mount -t tmpfs -o "
+                                     "mode=700 tmpfs /var/tmp/mpytest-pick && "
                                      f"cp -a {debian_rootfs} {root}"], timeout=120).returncode == 0
     try:
         r = testhost.run([*MACHINEPY, "boot", root, "--machine", "deb-pick",
-                          "--private-users=pick", "--detach"], timeout=120)
+                          "--private-users=pick", f"--private-users-ownership={ownership}",
+                          "--detach"], timeout=120)
         assert (r.returncode, r.stdout.strip()) == (0, "deb-pick"), r.stderr
-        base = int(testhost.run(["stat", "-c", "%u", root]).stdout)
-        assert base % 65536 == 0 and base >= 0x80000
 
         def running() -> bool:
             r = testhost.run(["machinectl", "shell", "-q", "deb-pick", "/bin/systemctl",
@@ -423,16 +427,23 @@ def test_private_users_pick_boots_debian(
 
         wait_for(running, 60, "deb-pick to boot")
         r = testhost.run(["machinectl", "shell", "-q", "deb-pick", "/bin/sh", "-c",
-                          "cat /proc/self/uid_map; systemctl --failed --no-legend"])
-        assert r.stdout.split() == ["0", str(base), "65536"], r.stdout
+                          "cat /proc/self/uid_map; touch /root/made; stat -c %u /usr/bin; "
+                          "systemctl --failed --no-legend"])
+        inside, base, count, usr_owner = (int(x) for x in r.stdout.split())
+        assert (inside, count, usr_owner) == (0, 65536, 0), r.stdout
+        assert base % 65536 == 0 and base >= 0x80000
+        # On disk: untouched ids with map, the range's with chown.
+        on_disk = 0 if ownership == "map" else base
+        r = testhost.run(["stat", "-c", "%u", root, f"{root}/usr/bin", f"{root}/root/made"])
+        assert r.stdout.split() == [str(on_disk)] * 3, r.stdout + r.stderr
         assert testhost.run(["machinectl", "poweroff", "deb-pick"]).returncode == 0
         wait_for(lambda: "deb-pick" not in listed(testhost), 30, "deb-pick to power off")
         wait_for(lambda: not testhost.run(["pgrep", "-f", "machinepy boot"]).stdout, 15,
                  "the background supervisor to exit")
-        assert_nothing_left(testhost, "deb-pick", host_mounts)
+        assert_nothing_left(testhost, "deb-pick", host_mounts | {"/var/tmp/mpytest-pick"})
     finally:
         testhost.run(["machinectl", "terminate", "deb-pick"])
-        testhost.run(["rm", "-rf", "/var/tmp/mpytest-pick"], timeout=120)
+        testhost.run(["sh", "-c", "umount /var/tmp/mpytest-pick; rmdir /var/tmp/mpytest-pick"])
 
 
 def test_network_interfaces_reach_machined(

@@ -58,6 +58,8 @@ class ChildConfig(NamedTuple):
     argv: Sequence[str]
     env: dict[str, str]
     root: str | None  # None: stay on the host root
+    # A detached (idmapped) mount of the root, attached instead of binding ROOT.
+    root_tree: int | None = None
     ephemeral: bool = False
     plan: Sequence[MountOp] = ()
     hostname: str | None = None
@@ -135,10 +137,10 @@ def container_init(cfg: ChildConfig, status_w: int, go_r: int) -> NoReturn:
             # machinectl bind: machined mounts into the host's propagation
             # directory; the container receives it at /run/host/incoming.
             plan += propagation_ops(os.fsdecode(go[1]))
-        _close_fds(keep=(status_w, *(fd for fd in (cfg.console, cfg.notify) if fd is not None),
-                         *cfg.keep_fds))
+        _close_fds(keep=(status_w, *(fd for fd in (cfg.console, cfg.notify, cfg.root_tree)
+                                     if fd is not None), *cfg.keep_fds))
         # Host paths are opened while we still have our host credentials.
-        host_root = _open_root(cfg.root) if cfg.root is not None else -1
+        host_root = _open_root(cfg.root) if cfg.root is not None and cfg.root_tree is None else -1
         try:
             plan, _fds = preopen(plan)
         except OSError as e:
@@ -232,11 +234,18 @@ def _enter_root(cfg: ChildConfig, host_root: int, plan: Sequence[MountOp]) -> No
     _step("mount staging tmpfs", linux.mount, "tmpfs", STAGING, "tmpfs", linux.MS_NOSUID,
           "mode=755")
     _step("mkdir", os.mkdir, STAGED_ROOT, 0o755)
-    if cfg.ephemeral:
-        _ephemeral_root(host_root)
+    if cfg.root_tree is not None:
+        # The supervisor's idmapped copy of the root (--private-users=pick).
+        lower = f"{STAGING}/lower" if cfg.ephemeral else STAGED_ROOT
+        if cfg.ephemeral:
+            _step("mkdir", os.mkdir, lower, 0o755)
+        _step("attach idmapped root", linux.move_mount, cfg.root_tree, lower)
     else:
-        _step("bind root", linux.mount, f"/proc/self/fd/{host_root}", STAGED_ROOT, None,
-              linux.MS_BIND | linux.MS_REC)
+        lower = f"/proc/self/fd/{host_root}"
+    if cfg.ephemeral:
+        _ephemeral_root(lower)
+    elif cfg.root_tree is None:
+        _step("bind root", linux.mount, lower, STAGED_ROOT, None, linux.MS_BIND | linux.MS_REC)
     _apply_plan(plan, STAGED_ROOT)
     if cfg.notify is not None:
         _bind_notify(cfg.notify, STAGED_ROOT)
@@ -269,15 +278,15 @@ def _bind_notify(fd: int, root: str) -> None:
         os.close(root_fd)
 
 
-def _ephemeral_root(lower: int) -> None:
-    """An overlay of the root (LOWER, an fd) at STAGED_ROOT, its upper layer on
-    the staging tmpfs: all writes vanish with the mount namespace."""
+def _ephemeral_root(lower: str) -> None:
+    """An overlay of the root (LOWER) at STAGED_ROOT, its upper layer on the
+    staging tmpfs: all writes vanish with the mount namespace."""
     for d in ("upper", "work"):
         _step("mkdir", os.mkdir, f"{STAGING}/{d}", 0o755)
-    data = f"lowerdir=/proc/self/fd/{lower},upperdir={STAGING}/upper,workdir={STAGING}/work"
+    data = f"lowerdir={lower},upperdir={STAGING}/upper,workdir={STAGING}/work"
     _step("mount ephemeral overlay", linux.mount, "overlay", STAGED_ROOT, "overlay", 0, data)
     # The upper layer's root mode becomes the container's / mode.
-    os.chmod(f"{STAGING}/upper", os.fstat(lower).st_mode & 0o7777)
+    os.chmod(f"{STAGING}/upper", os.stat(lower).st_mode & 0o7777)
 
 
 def _take_console(fd: int) -> None:

@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 
 from machinepy.spec import (
     NAMESPACES,
+    OWNERSHIPS,
     ContainerSpec,
     SpecError,
     parse_mount,
@@ -75,7 +76,10 @@ def _container_options(p: argparse.ArgumentParser, *, boot: bool) -> None:
     p.add_argument("-e", "--user-map", action="append", default=[],
                    metavar="CT_ID:HOST_ID:COUNT", help="user namespace id map")
     p.add_argument("--private-users", choices=("pick", "no"), default="no",
-                   help="pick: a free 65536-id range; the root tree is shifted into it once")
+                   help="pick: a free 65536-id range for the container's ids")
+    p.add_argument("--private-users-ownership", choices=OWNERSHIPS, default="auto",
+                   help="with pick: map (idmapped mount, the tree stays as it is), chown "
+                   "(shift the tree's owners once), auto (map where the filesystem allows)")
     p.add_argument("-b", "--caps", action="append", default=[], metavar="[+-]CAP,...",
                    help="adjust the capability bounding set")
     p.add_argument("-g", "--cgroup", action="append", default=[], metavar="CONTROLLER",
@@ -170,6 +174,7 @@ def spec_from_args(args: argparse.Namespace) -> ContainerSpec:
         properties=tuple(props),
         notify_ready=args.notify_ready,
         private_users=args.private_users == "pick",
+        ownership=args.private_users_ownership,
     )
 
 

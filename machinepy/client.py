@@ -121,6 +121,8 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Variant]:
     put("UserMap", "as", args.user_map)
     if args.private_users != "no":
         put("PrivateUsers", "s", args.private_users)
+    if args.private_users_ownership != "auto":
+        put("PrivateUsersOwnership", "s", args.private_users_ownership)
     put("Caps", "as", args.caps)
     put("Cgroups", "as", args.cgroup)
     put("Properties", "as", args.property)

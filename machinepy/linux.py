@@ -67,6 +67,17 @@ SYS_pivot_root: Final = 155
 RESOLVE_NO_MAGICLINKS: Final = 0x02
 RESOLVE_IN_ROOT: Final = 0x10
 
+# The new mount API (same numbers on every architecture since 5.1)
+SYS_open_tree: Final = 428
+SYS_move_mount: Final = 429
+SYS_mount_setattr: Final = 442
+AT_FDCWD: Final = -100
+OPEN_TREE_CLONE: Final = 0x1
+AT_EMPTY_PATH: Final = 0x1000
+AT_RECURSIVE: Final = 0x8000
+MOVE_MOUNT_F_EMPTY_PATH: Final = 0x4
+MOUNT_ATTR_IDMAP: Final = 0x00100000
+
 # statvfs f_flag bits that the kernel locks on bind mounts in a user namespace
 _ST_TO_MS: Final = (
     (os.ST_RDONLY, MS_RDONLY),
@@ -152,3 +163,40 @@ def mount_flags_of(path: str) -> int:
     """MS_* flags currently on the mount at PATH (kept on read-only remounts)."""
     st = os.statvfs(path)
     return sum(ms for st_flag, ms in _ST_TO_MS if st.f_flag & st_flag)
+
+
+def open_tree(dirfd: int, path: str, flags: int) -> int:
+    """A detached copy of the mount tree at PATH (OPEN_TREE_CLONE), as an fd."""
+    rc = _libc.syscall(ctypes.c_long(SYS_open_tree), ctypes.c_int(dirfd), _b(path),
+                       ctypes.c_uint(flags | os.O_CLOEXEC))
+    return _check(rc, "open_tree", path or None)
+
+
+def move_mount(from_fd: int, to_path: str) -> None:
+    """Attach the detached tree FROM_FD at TO_PATH."""
+    rc = _libc.syscall(ctypes.c_long(SYS_move_mount), ctypes.c_int(from_fd), b"",
+                       ctypes.c_int(AT_FDCWD), _b(to_path),
+                       ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH))
+    _check(rc, "move_mount", to_path)
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = (
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    )
+
+
+def idmap_tree(tree_fd: int, userns_fd: int) -> None:
+    """Map the owners seen through the detached tree TREE_FD by USERNS_FD's maps.
+
+    Also makes it a slave: a clone of a shared mount would otherwise stay in
+    its peer group, and the container's mounts below its root would reach the host.
+    """
+    attr = _MountAttr(MOUNT_ATTR_IDMAP, 0, MS_SLAVE, userns_fd)
+    rc = _libc.syscall(ctypes.c_long(SYS_mount_setattr), ctypes.c_int(tree_fd), b"",
+                       ctypes.c_uint(AT_EMPTY_PATH | AT_RECURSIVE), ctypes.byref(attr),
+                       ctypes.c_size_t(ctypes.sizeof(attr)))
+    _check(rc, "mount_setattr")

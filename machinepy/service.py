@@ -30,7 +30,7 @@ from dbus_fast import introspection as intr
 from dbus_fast.aio import MessageBus
 
 from machinepy.machined import bus_label_escape
-from machinepy.spec import SpecError, check_machine_name, validate
+from machinepy.spec import OWNERSHIPS, SpecError, check_machine_name, validate
 from machinepy.supervisor import STOP_TIMEOUT, Container, Supervisor, with_machine_id
 
 log = logging.getLogger("machinepy.service")
@@ -157,6 +157,7 @@ OPTIONS = {
     "NetifRoutes": Option("as", "netif_route"),
     "UserMap": Option("as", "user_map"),
     "PrivateUsers": Option("s", "private_users"),  # "pick" or "no", as --private-users
+    "PrivateUsersOwnership": Option("s", "private_users_ownership"),  # auto, map, chown
     "Caps": Option("as", "caps"),
     "Cgroups": Option("as", "cgroup"),
     "Properties": Option("as", "property"),
@@ -198,6 +199,8 @@ def spec_from_options(name: str, root_directory: str, command: Sequence[str],
             raise SpecError(f"unknown namespace '{ns}' in NoNamespaces")
     if values.get("private_users", "no") not in ("pick", "no"):
         raise SpecError(f"PrivateUsers must be 'pick' or 'no', not '{values['private_users']}'")
+    if values.get("private_users_ownership", "auto") not in OWNERSHIPS:
+        raise SpecError("PrivateUsersOwnership must be one of " + ", ".join(OWNERSHIPS))
     # Start from the CLI parser's own defaults, so a new CLI option can never be
     # missing here; then lay the D-Bus options over them.
     args = build_parser().parse_args(["run"])

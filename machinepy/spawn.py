@@ -49,7 +49,8 @@ def unshare_flags(spec: ContainerSpec) -> int:
 
 def child_config(spec: ContainerSpec, *, console: int | None = None,
                  console_path: str | None = None, notify: int | None = None,
-                 die_with_supervisor: bool = True) -> ChildConfig:
+                 die_with_supervisor: bool = True,
+                 root_tree: int | None = None) -> ChildConfig:
     pw: Passwd | None
     try:
         pw = lookup_user(spec.user or "0", spec.root)
@@ -66,6 +67,7 @@ def child_config(spec: ContainerSpec, *, console: int | None = None,
         env=env,
         notify=notify,
         root=spec.root,
+        root_tree=root_tree,
         ephemeral=spec.ephemeral,
         plan=mounts.build_plan(spec, console_path),
         hostname=spec.hostname,

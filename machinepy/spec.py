@@ -252,6 +252,8 @@ def check_hostname(name: str) -> str:
 
 NAMESPACES = ("mount", "pid", "ipc", "uts", "net", "user", "cgroup")
 Namespace = Literal["mount", "pid", "ipc", "uts", "net", "user", "cgroup"]
+Ownership = Literal["auto", "map", "chown"]
+OWNERSHIPS = ("auto", "map", "chown")
 
 
 class ContainerSpec(NamedTuple):
@@ -280,6 +282,9 @@ class ContainerSpec(NamedTuple):
     properties: tuple[UnitProperty, ...] = ()
     notify_ready: bool = False
     private_users: bool = False  # --private-users=pick: maps chosen at start-up
+    # How the tree's owners meet the picked range: an idmapped mount ("map"), a
+    # one-time lchown ("chown"), or map where the filesystem allows it ("auto").
+    ownership: Ownership = "auto"
     machine_id: uuid.UUID | None = None  # None: a random one, made when needed
 
     def replace(self, **changes: Any) -> ContainerSpec:
@@ -316,6 +321,8 @@ def validate(spec: ContainerSpec) -> ContainerSpec:
             raise SpecError("--private-users=pick needs a root directory (its tree is shifted)")
         if "user" not in spec.namespaces:
             raise SpecError("--private-users=pick needs a user namespace (drop --no-userns)")
+    elif spec.ownership != "auto":
+        raise SpecError("--private-users-ownership needs --private-users=pick")
     elif "user" in spec.namespaces and not spec.user_maps:
         raise SpecError("a user namespace needs at least one --user-map")
     check_user_maps(spec.user_maps)

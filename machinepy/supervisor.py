@@ -170,6 +170,9 @@ class Supervisor:
         # False in the daemon: its SIGTERM stops the daemon, never the containers.
         self.handle_signals = handle_signals
         self.child: Spawned | None = None
+        # --private-users=pick with ownership "map": the user namespace whose
+        # maps each run's idmapped root mount carries.
+        self.idmap_userns: int | None = None
         self.stopping = False
         self.restart = False
         self.relay: consolemod.Relay | None = None
@@ -221,11 +224,12 @@ class Supervisor:
         with contextlib.ExitStack() as hold:
             if self.spec.private_users and not self.spec.user_maps:
                 from machinepy.spec import IdMap
-                from machinepy.userns import RANGE, UsernsError, private_range
+                from machinepy.userns import RANGE, UsernsError, private_root
 
                 assert self.spec.root is not None
                 try:
-                    base = hold.enter_context(private_range(self.spec.root))
+                    base, self.idmap_userns = hold.enter_context(
+                        private_root(self.spec.root, self.spec.ownership))
                 except UsernsError as e:
                     self.on_error(str(e))
                     return 1
@@ -257,12 +261,24 @@ class Supervisor:
                 pty = consolemod.Pty()
                 stack.callback(pty.close)
             notify = self._notify_socket(stack) if self.spec.boot else None
+            root_tree = None
+            if self.idmap_userns is not None:
+                from machinepy.userns import idmapped_tree
+
+                assert self.spec.root is not None
+                try:
+                    root_tree = idmapped_tree(self.spec.root, self.idmap_userns)
+                except OSError as e:
+                    self.on_error(f"idmapped mount of {self.spec.root}: {e.strerror}")
+                    return 1
+                stack.callback(os.close, root_tree)
             cfg = child_config(
                 self.spec,
                 console=pty.slave if pty else None,
                 console_path=pty.slave_path if pty and self.spec.root else None,
                 notify=notify,
                 die_with_supervisor=self.die_with_supervisor,
+                root_tree=root_tree,
             )
             try:
                 self.child = child = spawn(cfg)

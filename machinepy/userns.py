@@ -1,15 +1,18 @@
 # SPDX-License-Identifier: BSD-2-Clause
-"""`--private-users=pick`: a free 65536-id range, and a root tree owned by it.
+"""`--private-users=pick`: a free 65536-id range, and a root tree usable in it.
 
 As systemd-nspawn: a tree whose root directory is already owned by a
 multiple of 65536 keeps that range (it was shifted before); otherwise a range
 is picked from a hash of the root's path, checked against /etc/subuid,
 /etc/subgid, the users in passwd and the maps of every running user
 namespace, and held with an abstract socket for the supervisor's lifetime.
-The tree is then shifted into it once, with lchown (the documented fallback:
-this kernel's idmapped mounts need the filesystem's cooperation, and overlay
-roots would need them on every layer).  Shifting is idempotent and the root
-directory is done last, so an interrupted shift is finished by the next run.
+
+Ownership, as nspawn's --private-users-ownership: "map" leaves the tree as it
+is and gives the container an idmapped mount of it (the kernel shows 0… as the
+range's ids inside and writes them back as 0…); "chown" shifts the tree's
+owners into the range once, with lchown — idempotent, the root directory last,
+so an interrupted shift is finished by the next run; "auto" maps where the
+filesystem allows it and chowns elsewhere.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import socket
 import stat
 import zlib
 from collections.abc import Iterator
+
+from machinepy import linux
 
 RANGE = 0x10000
 FIRST_BASE = 0x80000  # nspawn's pick range: 0x00080000 … 0x6FFF0000
@@ -145,16 +150,82 @@ def shift(root: str, base: int) -> int:
     return changed
 
 
-@contextlib.contextmanager
-def private_range(root: str) -> Iterator[int]:
-    """Pick (and hold) a range for ROOT and shift the tree into it."""
-    base, lock = pick(root)
-    try:
+def _userns_with_map(base: int) -> int:
+    """An fd of a fresh user namespace mapping 0… to BASE…, for idmapped mounts.
+
+    The namespace is made by a short-lived child (plain syscalls between fork
+    and exit) and lives on through the fd.
+    """
+    ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+    release_r, release_w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
         try:
-            shift(root, base)
-        except OSError as e:
-            raise UsernsError(f"--private-users=pick: chown {e.filename}: {e.strerror}") from None
-        yield base
+            os.close(ready_r)
+            os.close(release_w)
+            linux.unshare(linux.CLONE_NEWUSER)
+            os.write(ready_w, b"1")
+            os.read(release_r, 1)  # EOF: the parent has what it needs
+        finally:
+            os._exit(0)
+    os.close(ready_w)
+    os.close(release_r)
+    try:
+        if os.read(ready_r, 1) != b"1":
+            raise OSError(1, "unshare(CLONE_NEWUSER) failed")
+        text = f"0 {base} {RANGE}\n"
+        for name in ("uid_map", "gid_map"):
+            with open(f"/proc/{pid}/{name}", "w") as f:
+                f.write(text)
+        return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
     finally:
+        os.close(ready_r)
+        os.close(release_w)
+        os.waitpid(pid, 0)
+
+
+def idmapped_tree(root: str, userns: int) -> int:
+    """A detached, idmapped copy of the mount tree at ROOT, ready for move_mount."""
+    tree = linux.open_tree(linux.AT_FDCWD, root, linux.OPEN_TREE_CLONE | linux.AT_RECURSIVE)
+    try:
+        linux.idmap_tree(tree, userns)
+    except OSError:
+        os.close(tree)
+        raise
+    return tree
+
+
+@contextlib.contextmanager
+def private_root(root: str, ownership: str = "auto") -> Iterator[tuple[int, int | None]]:
+    """Pick (and hold) a range for ROOT; yields (base, userns fd for idmapped
+    mounts of ROOT, or None when the tree was shifted instead)."""
+    shifted = shifted_base(root)
+    if shifted is not None and ownership == "map":
+        raise UsernsError(f"--private-users-ownership=map: {root} was shifted into the range "
+                          f"{shifted} before: use chown or auto for it")
+    base, lock = pick(root)
+    userns: int | None = None
+    try:
+        if shifted is None and ownership != "chown":
+            try:
+                userns = _userns_with_map(base)
+                os.close(idmapped_tree(root, userns))  # the filesystem must allow it
+            except OSError as e:
+                if userns is not None:
+                    os.close(userns)
+                    userns = None
+                if ownership == "map":
+                    raise UsernsError(f"--private-users-ownership=map: {root}: "
+                                      f"{e.strerror or e}") from None
+        if userns is None:
+            try:
+                shift(root, base)
+            except OSError as e:
+                raise UsernsError(f"--private-users=pick: chown {e.filename}: "
+                                  f"{e.strerror}") from None
+        yield base, userns
+    finally:
+        if userns is not None:
+            os.close(userns)
         if lock is not None:
             lock.close()

@@ -223,6 +223,7 @@ def test_options_mirror_the_cli(tmp_path: Path) -> None:
     ({"NoNamespaces": Variant("as", ["time"])}, "unknown namespace 'time'"),
     ({"Ephemeral": Variant("b", True)}, "--ephemeral needs --chroot"),
     ({"PrivateUsers": Variant("s", "maybe")}, "PrivateUsers must be 'pick' or 'no'"),
+    ({"PrivateUsersOwnership": Variant("s", "bind")}, "must be one of auto, map, chown"),
     ({"BaseEnvironment": Variant("as", ["PATH"])}, "'PATH' is not NAME=VALUE"),
 ])
 def test_bad_options_are_one_line_errors(options: dict[str, Variant], message: str) -> None:
@@ -234,9 +235,10 @@ def test_bad_options_are_one_line_errors(options: dict[str, Variant], message: s
 def test_private_users_and_base_environment(tmp_path: Path) -> None:
     spec = spec_from_options("x", str(tmp_path), ["true"], {
         "PrivateUsers": Variant("s", "pick"),
+        "PrivateUsersOwnership": Variant("s", "chown"),
         "BaseEnvironment": Variant("as", ["HOME=/home/me", "EMPTY=", "EQ=a=b"]),
     })
-    assert spec.private_users and "user" in spec.namespaces
+    assert spec.private_users and "user" in spec.namespaces and spec.ownership == "chown"
     assert spec.base_env == (("HOME", "/home/me"), ("EMPTY", ""), ("EQ", "a=b"))
     assert spec_from_options("x", str(tmp_path), ["true"], {}).base_env is None
 

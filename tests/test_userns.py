@@ -182,10 +182,31 @@ def own_root(busybox_root: Path) -> Iterator[Path]:
     shutil.rmtree(parent)
 
 
+def test_private_users_pick_maps_the_tree(own_root: Path) -> None:
+    """ownership=map: an idmapped mount; the tree on disk is left as it is."""
+    script = ("id -u; cat /proc/self/uid_map; stat -c %u:%g /bin /etc/passwd; touch /root/new; "
+              "stat -c %u:%g /root/new")
+    r = run([*MACHINEPY, "--private-users=pick", "--private-users-ownership=map",
+             "-r", str(own_root), "--", "/bin/sh", "-c", script])
+    if r.returncode == 1 and "mount_setattr" in r.stderr:
+        pytest.skip(f"no idmapped mounts on {own_root}'s filesystem: {r.stderr.strip()}")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    inside, base, count = (int(x) for x in lines[1].split())
+    assert (lines[0], inside, count) == ("0", 0, 65536)
+    assert base % 65536 == 0 and 0x80000 <= base <= 0x6FFF0000
+    assert lines[2:5] == ["0:0", "0:0", "0:0"]  # root's files, and what root makes, inside
+    for path in (own_root, own_root / "bin", own_root / "root" / "new"):
+        st = path.lstat()
+        assert (st.st_uid, st.st_gid) == (0, 0), path  # … and the same on disk
+    assert (own_root / "usr" / "suid-tool").stat().st_mode & 0o7777 == 0o4755
+
+
 def test_private_users_pick_shifts_the_tree_once(own_root: Path) -> None:
+    """ownership=chown: the tree is shifted into the range for good."""
     script = "id -u; cat /proc/self/uid_map; stat -c %u:%g /bin /etc/passwd; touch /root/new"
-    r = run([*MACHINEPY, "--private-users=pick", "-r", str(own_root), "--", "/bin/sh", "-c",
-             script])
+    r = run([*MACHINEPY, "--private-users=pick", "--private-users-ownership=chown",
+             "-r", str(own_root), "--", "/bin/sh", "-c", script])
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     inside, base, count = (int(x) for x in lines[1].split())
@@ -196,11 +217,19 @@ def test_private_users_pick_shifts_the_tree_once(own_root: Path) -> None:
         st = path.lstat()
         assert (st.st_uid, st.st_gid) == (base, base), path
     assert (own_root / "usr" / "suid-tool").stat().st_mode & 0o7777 == 0o4755  # kept
-    # The tree now carries its range: the next run takes the same one, changing nothing.
+    # The tree now carries its range: the next run (auto) takes the same one, changing nothing.
     r = run([*MACHINEPY, "--private-users=pick", "-r", str(own_root), "--", "cat",
              "/proc/self/uid_map"])
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["0", str(base), "65536"]
+    assert own_root.stat().st_uid == base
+    # An idmapped mount of a shifted tree would shift it twice: refused, in one line.
+    r = run([*MACHINEPY, "--private-users=pick", "--private-users-ownership=map",
+             "-r", str(own_root), "--", "true"])
+    assert r.returncode == 1
+    assert r.stderr.splitlines() == [f"machinepy: --private-users-ownership=map: {own_root} was "
+                                     f"shifted into the range {base} before: use chown or auto "
+                                     "for it"]
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -208,6 +237,9 @@ def test_private_users_pick_shifts_the_tree_once(own_root: Path) -> None:
     (["--private-users=pick", "-e", "0:100000:65536", "-r", "/", "--", "true"],
      "drop --user-map"),
     (["--private-users=maybe", "--", "true"], "invalid choice"),
+    (["--private-users-ownership=map", "-e", "0:100000:65536", "-r", "/", "--", "true"],
+     "--private-users-ownership needs --private-users=pick"),
+    (["--private-users=pick", "--private-users-ownership=bind", "--", "true"], "invalid choice"),
 ])
 def test_private_users_bad_input_is_one_line(args: list[str], message: str) -> None:
     r = run([*MACHINEPY, *args])
