@@ -1,6 +1,4 @@
 # SPDX-License-Identifier: BSD-2-Clause
-import sys
+from machinepy.cli import entry
 
-from machinepy.cli import main
-
-sys.exit(main())
+entry()

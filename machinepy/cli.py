@@ -277,5 +277,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _run_detached(spec)
 
 
+def entry() -> NoReturn:
+    """The `machinepy` command: main(), then exit without tearing the interpreter down.
+
+    By then the container's resources are released (the supervisor's clean-up
+    stack has run); what is left is freeing module state, ~20 ms with asyncio
+    and dbus-fast loaded, which every one-shot run and every poweroff would pay.
+    """
+    status = main()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more to say there
+            pass
+    os._exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
