@@ -144,7 +144,7 @@ def container_init(cfg: ChildConfig, status_w: int, go_r: int) -> NoReturn:
         try:
             plan, _fds = preopen(plan)
         except OSError as e:
-            raise ChildError("bindmount", e) from None
+            raise ChildError("mount source", e) from None
         if cfg.unshare_flags & linux.CLONE_NEWUSER:
             # Our host uid is unmapped in the new namespace until we become its root.
             _step("become root in the user namespace", _become_ns_root)
