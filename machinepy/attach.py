@@ -163,7 +163,7 @@ def attach(key: str) -> int:
 
 def _service_has(name: str) -> bool:
     """Whether io.machinepy1 runs and knows NAME; False on any trouble."""
-    from machinepy.machined import system_bus_available
+    from machinepy.sd import system_bus_available
 
     if not system_bus_available():
         return False

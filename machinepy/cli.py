@@ -8,9 +8,11 @@ that need them, so `machinepy run` starts about as fast as Python itself.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Sequence
+from types import ModuleType
 from typing import Any, NoReturn
 
 from machinepy.spec import (
@@ -98,16 +100,24 @@ def _container_options(p: argparse.ArgumentParser, *, boot: bool) -> None:
                        help=f"do not create a {ns} namespace")
 
 
-def build_parser() -> Parser:
+def build_parser(verb: str | None = None) -> Parser:
+    """The parser; given VERB, only that command gets its options.
+
+    argparse checks each option as it is added (~0.1 ms apiece): the other
+    command's fifty are not worth building for a one-shot run.
+    """
     parser = Parser(prog="machinepy", description="Linux containers, registered with machined.")
     sub = parser.add_subparsers(dest="verb", metavar="COMMAND", parser_class=Parser)
     run = sub.add_parser("run", help="run a command in a container (pflask-compatible)")
-    _container_options(run, boot=False)
-    run.add_argument("-a", "--attach", metavar="NAME|PID", help="attach to a detached container")
-    run.add_argument("command", nargs=argparse.REMAINDER)
+    if verb in (None, "run"):
+        _container_options(run, boot=False)
+        run.add_argument("-a", "--attach", metavar="NAME|PID",
+                         help="attach to a detached container")
+        run.add_argument("command", nargs=argparse.REMAINDER)
     boot = sub.add_parser("boot", help="boot an OS tree")
-    boot.add_argument("root", metavar="ROOTFS")
-    _container_options(boot, boot=True)
+    if verb in (None, "boot"):
+        boot.add_argument("root", metavar="ROOTFS")
+        _container_options(boot, boot=True)
     return parser
 
 
@@ -184,25 +194,46 @@ def _needs_asyncio(spec: ContainerSpec) -> bool:
         return True
     if not spec.register:
         return False
-    from machinepy.machined import system_bus_available, systemd_booted
+    from machinepy.sd import system_bus_available, systemd_booted
 
     return system_bus_available() and systemd_booted()
+
+
+def _import_asyncio() -> ModuleType:
+    """asyncio without its TLS support, which machinepy never uses.
+
+    asyncio imports ssl (loading libssl: ~5 ms of every registered start) when
+    it can; while None stands in sys.modules for ssl, that import fails and
+    asyncio goes on without.  ssl itself stays importable afterwards (pyroute2
+    imports it).
+    """
+    if "asyncio" in sys.modules or "ssl" in sys.modules:
+        import asyncio
+
+        return asyncio
+    sys.modules["ssl"] = None  # type: ignore[assignment]
+    try:
+        import asyncio
+    finally:
+        del sys.modules["ssl"]
+    return asyncio
 
 
 def _supervise(spec: ContainerSpec, **kw: Any) -> int:
     from machinepy.supervisor import Supervisor
 
     if _needs_asyncio(spec):
-        import asyncio
+        asyncio = _import_asyncio()
 
         async def main() -> int:
             return await Supervisor(spec, **kw).run()
 
-        return asyncio.run(main())
+        status: int = asyncio.run(main())
+        return status
     from machinepy.loop import MiniLoop
 
     loop = MiniLoop()
-    status: int = loop.run(Supervisor(spec, loop=loop, **kw).run())
+    status = loop.run(Supervisor(spec, loop=loop, **kw).run())
     return status
 
 
@@ -228,16 +259,17 @@ def _run_detached(spec: ContainerSpec) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in CLIENT_VERBS:
+        _import_asyncio()
         from machinepy.client import main as client_main
 
         return client_main(argv)
-    parser = build_parser()
     try:
         if argv and argv[0] not in ("run", "boot", "-h", "--help") and not argv[0].startswith(
             "--version"
         ):
             # pflask compatibility: `machinepy [options] [--] [command]` means run.
             argv = ["run", *argv]
+        parser = build_parser(argv[0] if argv[:1] in (["run"], ["boot"]) else None)
         init_args: list[str] = []
         if argv[:1] == ["boot"] and "--" in argv:
             # Options may follow ROOTFS; only what comes after -- goes to init.
@@ -266,7 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not spec.detach:
         return _supervise(spec)
     # The daemon serves root only, and cannot forward READY=1 to our NOTIFY_SOCKET.
-    from machinepy.machined import system_bus_available
+    from machinepy.sd import system_bus_available
 
     if os.geteuid() == 0 and not spec.notify_ready and system_bus_available():
         from machinepy.client import hand_off
@@ -286,10 +318,8 @@ def entry() -> NoReturn:
     """
     status = main()
     for stream in (sys.stdout, sys.stderr):
-        try:
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing more to say
             stream.flush()
-        except (OSError, ValueError):  # a closed pipe: nothing more to say there
-            pass
     os._exit(status)
 
 

@@ -8,15 +8,14 @@ finds the unit through the leader's cgroup.  The supervisor is the scope's
 Controller but stays outside it, so `machinectl terminate` reaches us as a
 RequestStop signal instead of killing the supervisor along with the container.
 
-Only the cheap checks at the top run without a bus; dbus-fast is imported
-when a registration actually happens.
+dbus-fast is imported when a registration actually happens; whether to try
+at all is machinepy.sd's cheap question.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import string
 from collections.abc import Callable, Sequence
@@ -30,7 +29,6 @@ if TYPE_CHECKING:
 
     from machinepy.unitprops import UnitProperty
 
-SYSTEM_BUS_SOCKET = "/run/dbus/system_bus_socket"
 SYSTEMD = ("org.freedesktop.systemd1", "/org/freedesktop/systemd1",
            "org.freedesktop.systemd1.Manager")
 MACHINED = ("org.freedesktop.machine1", "/org/freedesktop/machine1",
@@ -48,18 +46,6 @@ class RegistrationError(Exception):
 
 class RegistrationUnavailable(Exception):
     """No system bus, no systemd or no machined: run unregistered, with a warning."""
-
-
-def system_bus_available() -> bool:
-    address = os.environ.get("DBUS_SYSTEM_BUS_ADDRESS")
-    if address:
-        return True
-    return os.path.exists(SYSTEM_BUS_SOCKET)
-
-
-def systemd_booted() -> bool:
-    """sd_booted(): systemd is PID 1 of this (pid namespace's) host."""
-    return os.path.isdir("/run/systemd/system")
 
 
 # ---------------------------------------------------------------------------

@@ -7,13 +7,13 @@ look-ups).  Nothing is created, so bad input never leaves anything behind.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 if TYPE_CHECKING:
+    import ipaddress
     import uuid
 
     from machinepy.unitprops import UnitProperty
@@ -133,6 +133,8 @@ def parse_netif_address(spec: str) -> NetifAddress:
     name, sep, addr = spec.partition("=")
     if not sep or "/" not in addr:
         raise SpecError(f"invalid --netif-address '{spec}': expected NAME=ADDRESS/PREFIX")
+    import ipaddress  # only for --netif-address/--netif-route (~1.5 ms to import)
+
     try:
         iface = ipaddress.ip_interface(addr)
     except ValueError:
@@ -152,6 +154,8 @@ def parse_netif_route(spec: str) -> NetifRoute:
     if not sep or not rest:
         raise SpecError(f"invalid --netif-route '{spec}': expected NAME=DEST[,via=GATEWAY]")
     dest_s, *opts = rest.split(",")
+    import ipaddress
+
     try:
         dest = None if dest_s == "default" else ipaddress.ip_network(dest_s, strict=False)
         gateway = None

@@ -450,11 +450,13 @@ class Supervisor:
         """Scope + machined registration; returns the propagation dir for `machinectl bind`."""
         if not self.spec.register:
             return None
-        from machinepy import machined
+        from machinepy import sd
 
-        if not machined.system_bus_available() or not machined.systemd_booted():
+        if not sd.system_bus_available() or not sd.systemd_booted():
             warn("no systemd system bus; not registering with systemd-machined")
             return None
+        from machinepy import machined
+
         c = self.container
         if self.spec.machine_id is None:
             self.spec = c.spec = with_machine_id(self.spec)

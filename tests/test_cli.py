@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -64,3 +66,38 @@ def test_usage_errors_are_one_line(argv: list[str], fragment: str,
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and fragment in err, err
+
+
+@pytest.mark.parametrize("argv", [
+    ["run", "-r", "/srv", "-w", "--machine", "m", "-p", "CPUQuota=20%", "--", "sh", "-c", "x"],
+    ["run", "--netif", "--netif-address", "eth0=10.0.0.2/24", "-s", "A=1", "true"],
+    ["boot", "/srv", "--machine", "b", "--notify-ready", "-d", "--caps=-chown"],
+])
+def test_parser_for_one_verb_parses_as_the_full_parser(argv: list[str]) -> None:
+    assert vars(build_parser(argv[0]).parse_args(argv)) == vars(build_parser().parse_args(argv))
+
+
+def _python(code: str) -> str:
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+def test_asyncio_for_the_command_is_imported_without_ssl() -> None:
+    out = _python(
+        "import sys; from machinepy.cli import _import_asyncio; _import_asyncio()\n"
+        "import asyncio.base_events, asyncio.sslproto\n"
+        "print(asyncio.base_events.ssl, asyncio.sslproto.ssl, 'ssl' in sys.modules)\n"
+        "import ssl; print(ssl.__name__)")  # still there for whoever needs it (pyroute2)
+    assert out.splitlines() == ["None None False", "ssl"]
+
+
+@pytest.mark.root
+def test_run_without_systemd_imports_no_bus_or_netlink_library() -> None:
+    # What `machinepy run` costs on a host whose PID 1 is not systemd: the
+    # registration is skipped, so asyncio, dbus-fast and pyroute2 stay out.
+    out = _python(
+        "import sys, machinepy.sd as sd; sd.systemd_booted = lambda: False\n"
+        "from machinepy.cli import main; status = main(['run', '--', 'true'])\n"
+        "print(status, [m for m in ('asyncio', 'dbus_fast', 'pyroute2') if m in sys.modules])")
+    assert out == "0 []"

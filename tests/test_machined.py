@@ -20,17 +20,17 @@ import pytest
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
-from machinepy import machined
+from machinepy import machined, sd
 from machinepy.machined import (
     MachineRegistration,
     RegistrationError,
     RegistrationUnavailable,
     bus_label_escape,
     scope_name,
-    system_bus_available,
     unit_name_escape,
     unit_path,
 )
+from machinepy.sd import system_bus_available
 from machinepy.unitprops import accounting_property, parse_property
 from tests.fakebus import SCOPE, FakeSystem, MessageTrace, plain_properties
 
@@ -139,7 +139,7 @@ def test_system_bus_available(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
     monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", "unix:path=/nonexistent")
     assert system_bus_available()  # an explicit address is taken at its word
     monkeypatch.delenv("DBUS_SYSTEM_BUS_ADDRESS")
-    monkeypatch.setattr(machined, "SYSTEM_BUS_SOCKET", str(tmp_path / "socket"))
+    monkeypatch.setattr(sd, "SYSTEM_BUS_SOCKET", str(tmp_path / "socket"))
     assert not system_bus_available()
     (tmp_path / "socket").touch()
     assert system_bus_available()
