@@ -7,6 +7,7 @@ machine, so only ratios are meaningful; absolute numbers vary between hosts.
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import statistics
@@ -33,15 +34,58 @@ class Result:
         return statistics.median(self.times)
 
 
+# Where benchmarks get machinepy from: a virtualenv with a regular (wheel)
+# install of this checkout, as a user has it.  A development install pays for
+# the editable finder in every start-up (~10 ms here), and a host's own .pth
+# hooks (this VM injects a CA bundle through certifi: ~10 ms more) are not
+# machinepy's; `--installed=dev` measures the interpreter that runs the bench.
+VENV = Path("/var/cache/machinepy-bench/venv")
+_installed = "venv"
+
+
+def add_install_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--installed", choices=("venv", "dev"), default="venv",
+                        help=f"venv: this checkout installed into {VENV} (default); "
+                             "dev: the current (editable) install")
+
+
+def use_install(mode: str) -> None:
+    """Select (and for "venv", refresh) the machinepy the benchmark runs."""
+    global _installed
+    _installed = mode
+    if mode != "venv":
+        return
+    python = VENV / "bin" / "python"
+    if not python.exists():
+        subprocess.run([_dev_interpreter(), "-m", "venv", "--clear", str(VENV)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", str(REPO)], check=True,
+                       stdin=subprocess.DEVNULL)
+    else:  # the checkout as it is now, dependencies as they are
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps",
+                        "--force-reinstall", str(REPO)], check=True, stdin=subprocess.DEVNULL)
+
+
 def interpreter() -> str:
-    """The interpreter the installed `machinepy` script runs with (not a pyenv shim)."""
-    script = machinepy_script()
+    """The interpreter `machinepy` runs with (not a pyenv shim)."""
+    if _installed == "venv":
+        return str(VENV / "bin" / "python")
+    return _dev_interpreter()
+
+
+def machinepy_script() -> str:
+    if _installed == "venv":
+        return str(VENV / "bin" / "machinepy")
+    return _dev_script()
+
+
+def _dev_interpreter() -> str:
+    script = _dev_script()
     with open(script) as f:
         first = f.readline()
     return first[2:].strip() if first.startswith("#!") else sys.executable
 
 
-def machinepy_script() -> str:
+def _dev_script() -> str:
     """The console script next to the real interpreter, else PATH's."""
     beside = Path(sys.executable).with_name("machinepy")
     if beside.exists():

@@ -29,7 +29,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, Result, interpreter, print_table, time_command
+from common import (
+    REPO,
+    Result,
+    add_install_option,
+    interpreter,
+    print_table,
+    time_command,
+    use_install,
+)
 
 BUS_CONFIG = """<busconfig>
   <type>system</type>
@@ -119,9 +127,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--containers", type=int, default=100)
     parser.add_argument("--root", help="busybox rootfs (default: the cached test rootfs)")
+    add_install_option(parser)
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("bench/daemon.py needs root")
+    use_install(args.installed)
     if args.root:
         root = args.root
     else:

@@ -17,7 +17,14 @@ import argparse
 import shutil
 import subprocess
 
-from common import Result, machinepy_script, print_table, time_command
+from common import (
+    Result,
+    add_install_option,
+    machinepy_script,
+    print_table,
+    time_command,
+    use_install,
+)
 
 GOAL = 0.1
 
@@ -26,8 +33,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--root", help="rootfs (default: the cached Debian test rootfs)")
+    add_install_option(parser)
     args = parser.parse_args()
     runs = max(args.runs, 10)
+    use_install(args.installed)
     if args.root:
         root = args.root
     else:

@@ -24,8 +24,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
-from common import REPO, Result, interpreter, print_table
+from common import REPO, Result, add_install_option, interpreter, print_table, use_install
 
 GOALS = {"one-shot /bin/true, registered": 2.0, "boot to READY=1": 1.0,
          "machinectl poweroff -> unit gone": 1.0}
@@ -50,7 +51,7 @@ def _wait_inactive(unit: str, timeout: float = 120) -> None:
 
 def inside(root: str, runs: int, py: str) -> dict[str, dict[str, list[float]]]:
     """Runs in the test host: times for each tool, by measurement."""
-    mp = [py, "-m", "machinepy"]
+    mp = [str(Path(py).with_name("machinepy"))]  # the console script, as users run it
     tools = {
         "machinepy": {
             "oneshot": [*mp, "run", "-r", root, "--machine", "bench-1", "--", "/bin/true"],
@@ -90,10 +91,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--inside", metavar="ROOT", help=argparse.SUPPRESS)
+    add_install_option(parser)
     args = parser.parse_args()
     if args.inside:
         print(json.dumps(inside(args.inside, args.runs, sys.executable)))
         return
+    use_install(args.installed)
     sys.path.insert(0, str(REPO))
     from integration.testhost import TestHost
     from tests.rootfs import cached_debian_rootfs

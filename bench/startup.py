@@ -12,7 +12,15 @@ from __future__ import annotations
 import argparse
 import shutil
 
-from common import Result, interpreter, machinepy_script, print_table, time_command
+from common import (
+    Result,
+    add_install_option,
+    interpreter,
+    machinepy_script,
+    print_table,
+    time_command,
+    use_install,
+)
 
 GOAL_MS = 40.0
 
@@ -21,8 +29,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--root", help="busybox rootfs (default: the cached test rootfs)")
+    add_install_option(parser)
     args = parser.parse_args()
     runs = max(args.runs, 10)
+    use_install(args.installed)
     if args.root:
         root = args.root
     else:
