@@ -64,10 +64,12 @@ def inside(root: str, runs: int, py: str) -> dict[str, dict[str, list[float]]]:
                      "--volatile=overlay", "--notify-ready=yes", "--console=passive"],
         },
     }
-    out: dict[str, dict[str, list[float]]] = {}
-    for tool, argv in tools.items():
-        times: dict[str, list[float]] = {"oneshot": [], "boot": [], "poweroff": []}
-        for i in range(runs + 1):  # the first is a warm-up
+    out: dict[str, dict[str, list[float]]] = {
+        tool: {"oneshot": [], "boot": [], "poweroff": []} for tool in tools}
+    # Interleaved, so that a slow spell of the machine hits both tools alike.
+    for i in range(runs + 1):  # the first is a warm-up
+        for tool, argv in tools.items():
+            times = out[tool]
             t0 = time.perf_counter()
             _run(argv["oneshot"])
             t1 = time.perf_counter()
@@ -83,7 +85,6 @@ def inside(root: str, runs: int, py: str) -> dict[str, dict[str, list[float]]]:
                 times["oneshot"].append(t1 - t0)
                 times["boot"].append(t2 - t1)
                 times["poweroff"].append(t3 - t2)
-        out[tool] = times
     return out
 
 
