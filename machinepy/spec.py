@@ -96,7 +96,9 @@ def parse_mount(spec: str) -> MountSpec:
 # Network interfaces
 
 NetifKind = Literal["move", "macvlan", "ipvlan", "veth", "bridge"]
-IFNAME_RE = re.compile(r"^[^/:\s]{1,15}$")
+# Patterns as strings: re compiles (and caches) one when an option needs it, not
+# at every start-up.  fullmatch: `$` would let a trailing newline through.
+IFNAME_RE = r"[^/:\s]{1,15}"
 
 
 class NetifSpec(NamedTuple):
@@ -106,7 +108,7 @@ class NetifSpec(NamedTuple):
 
 
 def _ifname(name: str, spec: str) -> str:
-    if not IFNAME_RE.match(name) or name in (".", ".."):
+    if not re.fullmatch(IFNAME_RE, name) or name in (".", ".."):
         raise SpecError(f"invalid --netif '{spec}': '{name}' is not a valid interface name")
     return name
 
@@ -214,7 +216,7 @@ def check_user_maps(maps: Sequence[IdMap]) -> None:
 # ---------------------------------------------------------------------------
 # Environment
 
-ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+ENV_NAME_RE = r"[A-Za-z_][A-Za-z0-9_]*"
 
 
 def parse_setenv(spec: str) -> list[tuple[str, str]]:
@@ -222,7 +224,7 @@ def parse_setenv(spec: str) -> list[tuple[str, str]]:
     out = []
     for item in split_escaped(spec, ","):
         name, sep, value = item.partition("=")
-        if not sep or not ENV_NAME_RE.match(name):
+        if not sep or not re.fullmatch(ENV_NAME_RE, name):
             raise SpecError(f"invalid --setenv '{spec}': '{item}' is not NAME=VALUE")
         if "\0" in value:
             raise SpecError(f"invalid --setenv '{spec}': value contains a NUL byte")
@@ -233,11 +235,11 @@ def parse_setenv(spec: str) -> list[tuple[str, str]]:
 # ---------------------------------------------------------------------------
 # Machine names (machined's hostname_is_valid rules, without trailing dot)
 
-MACHINE_NAME_RE = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
+MACHINE_NAME_RE = r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*"
 
 
 def check_machine_name(name: str) -> str:
-    if len(name) > 64 or not MACHINE_NAME_RE.match(name):
+    if len(name) > 64 or not re.fullmatch(MACHINE_NAME_RE, name):
         raise SpecError(
             f"invalid machine name '{name}': use letters, digits, '-', '_' and '.', "
             "at most 64 characters"
@@ -246,7 +248,7 @@ def check_machine_name(name: str) -> str:
 
 
 def check_hostname(name: str) -> str:
-    if not name or len(name) > 64 or not MACHINE_NAME_RE.match(name):
+    if not name or len(name) > 64 or not re.fullmatch(MACHINE_NAME_RE, name):
         raise SpecError(f"invalid hostname '{name}'")
     return name
 

@@ -99,7 +99,7 @@ def test_netifs() -> None:
     assert parse_netif("veth:ve-a:host0") == NetifSpec("veth", "ve-a", "host0")
     assert parse_netif("bridge:br0:eth0") == NetifSpec("bridge", "br0", "eth0")
     assert parse_netif("macvlan:eth0:mv0").kind == "macvlan"
-    for bad in ("a:b:c:d", "x", "wifi:a:b", "veth:a:" + "x" * 16, "a/b:c"):
+    for bad in ("a:b:c:d", "x", "wifi:a:b", "veth:a:" + "x" * 16, "a/b:c", "veth:a:b\n"):
         with pytest.raises(SpecError):
             parse_netif(bad)
 
@@ -130,14 +130,14 @@ def test_user_map_errors() -> None:
 
 def test_setenv() -> None:
     assert parse_setenv("A=1,B=x\\,y,C=") == [("A", "1"), ("B", "x,y"), ("C", "")]
-    for bad in ("A", "1A=2", "=x", "A=1,,B=2"):
+    for bad in ("A", "1A=2", "=x", "A=1,,B=2", "A\n=1"):
         with pytest.raises(SpecError):
             parse_setenv(bad)
 
 
 def test_machine_names() -> None:
     assert check_machine_name("pflask-123") == "pflask-123"
-    for bad in ("", "a b", "x" * 65, "../x", "a..b", ".x"):
+    for bad in ("", "a b", "x" * 65, "../x", "a..b", ".x", "box\n"):
         with pytest.raises(SpecError):
             check_machine_name(bad)
 
