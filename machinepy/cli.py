@@ -39,7 +39,26 @@ class UsageError(Exception):
     pass
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's, sized without shutil: argparse makes one for every option
+    it adds, and its own sizing imports shutil (and bz2, lzma, …) for that."""
+
+    def __init__(self, prog: str) -> None:
+        try:
+            columns = int(os.environ["COLUMNS"])
+        except (KeyError, ValueError):
+            try:
+                columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+            except (AttributeError, ValueError, OSError):
+                columns = 80
+        super().__init__(prog, width=columns - 2)
+
+
 class Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> NoReturn:
         # One line naming the problem, exit 2 (not argparse's usage dump).
         raise UsageError(message)

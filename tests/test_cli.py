@@ -101,3 +101,14 @@ def test_run_without_systemd_imports_no_bus_or_netlink_library() -> None:
         "from machinepy.cli import main; status = main(['run', '--', 'true'])\n"
         "print(status, [m for m in ('asyncio', 'dbus_fast', 'pyroute2') if m in sys.modules])")
     assert out == "0 []"
+
+
+def test_help_fits_the_terminal_width(monkeypatch: pytest.MonkeyPatch,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("COLUMNS", "60")
+    with pytest.raises(SystemExit) as e:
+        main(["boot", "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and out.startswith("usage: machinepy boot")
+    assert "--private-users-ownership" in out
+    assert max(len(line) for line in out.splitlines()) <= 60
