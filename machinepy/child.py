@@ -21,7 +21,6 @@ import fcntl
 import os
 import select
 import signal
-import socket
 import struct
 import termios
 from collections.abc import Sequence
@@ -197,10 +196,13 @@ def _become_ns_root() -> None:
 
 def _loopback_up() -> None:
     # Two ioctls instead of netlink: nothing to import between fork and exec.
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+    fd = linux.socket(linux.AF_INET, linux.SOCK_DGRAM | linux.SOCK_CLOEXEC)
+    try:
         req = struct.pack("16sH14x", b"lo", 0)
-        flags = struct.unpack("16sH14x", fcntl.ioctl(s, SIOCGIFFLAGS, req))[1]
-        fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
+        flags = struct.unpack("16sH14x", fcntl.ioctl(fd, SIOCGIFFLAGS, req))[1]
+        fcntl.ioctl(fd, SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
+    finally:
+        os.close(fd)
 
 
 def _close_fds(keep: Sequence[int]) -> None:
@@ -266,11 +268,9 @@ def _bind_notify(fd: int, root: str) -> None:
         dir_fd = open_in_root(root_fd, NOTIFY_DIR, "dir")
         os.fchdir(dir_fd)  # relative bind: sun_path is too short for long roots
         os.close(dir_fd)
-        sock = socket.socket(fileno=fd)
         try:
-            sock.bind("notify")
+            linux.bind_unix(fd, "notify")
         finally:
-            sock.detach()
             os.close(fd)
     except OSError as e:
         raise ChildError("bind notify socket", e) from None

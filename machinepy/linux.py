@@ -78,6 +78,16 @@ AT_RECURSIVE: Final = 0x8000
 MOVE_MOUNT_F_EMPTY_PATH: Final = 0x4
 MOUNT_ATTR_IDMAP: Final = 0x00100000
 
+# socket(2) and bind(2): PID 1's only socket calls, so the child needs no socket module
+AF_UNIX: Final = 1
+AF_INET: Final = 2
+SOCK_DGRAM: Final = 2
+SOCK_CLOEXEC: Final = os.O_CLOEXEC  # the same bit, by definition
+
+
+class _SockaddrUn(ctypes.Structure):
+    _fields_ = [("sun_family", ctypes.c_ushort), ("sun_path", ctypes.c_char * 108)]
+
 # statvfs f_flag bits that the kernel locks on bind mounts in a user namespace
 _ST_TO_MS: Final = (
     (os.ST_RDONLY, MS_RDONLY),
@@ -127,6 +137,20 @@ def umount2(target: str, flags: int = 0) -> None:
 def pivot_root(new_root: str, put_old: str) -> None:
     rc = _libc.syscall(ctypes.c_long(SYS_pivot_root), _b(new_root), _b(put_old))
     _check(rc, "pivot_root", new_root)
+
+
+def socket(family: int, type_: int) -> int:
+    return _check(_libc.socket(ctypes.c_int(family), ctypes.c_int(type_), ctypes.c_int(0)),
+                  "socket")
+
+
+def bind_unix(fd: int, path: str) -> None:
+    raw = os.fsencode(path)
+    if len(raw) >= 108:
+        raise OSError(36, f"bind: {os.strerror(36)}", path)  # ENAMETOOLONG
+    addr = _SockaddrUn(AF_UNIX, raw)
+    size = _SockaddrUn.sun_path.offset + len(raw) + 1
+    _check(_libc.bind(ctypes.c_int(fd), ctypes.byref(addr), ctypes.c_uint(size)), "bind", path)
 
 
 def sethostname(name: str) -> None:

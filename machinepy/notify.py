@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 
 def sd_notify(message: str, fds: list[int] | None = None) -> bool:
@@ -14,6 +13,8 @@ def sd_notify(message: str, fds: list[int] | None = None) -> bool:
         return False
     if address.startswith("@"):
         address = "\0" + address[1:]
+    import socket  # not at the top: `machinepy run` never notifies
+
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
         try:
             sock.connect(address)

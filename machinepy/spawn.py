@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import threading
+import sys
 from collections.abc import Mapping
 
 from machinepy import linux, mounts
@@ -136,7 +136,10 @@ def _read_line(fd: int) -> bytes:
 
 def spawn(cfg: ChildConfig) -> Spawned:
     """Fork the setup child; return once PID 1 exists and waits for go."""
-    if threading.active_count() > 1:
+    # Threads made through threading are the ones to fear here; when nothing
+    # imported it, there are none (and `run` need not import it to know).
+    threading = sys.modules.get("threading")
+    if threading is not None and threading.active_count() > 1:
         # A fork copies one thread; locks held by the others would stay locked.
         raise SpawnError("internal error: refusing to fork from a multi-threaded process")
     # PID 1's parent (the setup child) exits at once: we adopt and reap it.

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
@@ -389,6 +388,8 @@ class Supervisor:
 
     def _notify_socket(self, stack: contextlib.ExitStack | contextlib.AsyncExitStack) -> int:
         """Our end of the container's NOTIFY_SOCKET: READY=1 tells us it has booted."""
+        import socket  # only a booted container has one
+
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         sock.setblocking(False)
         stack.callback(sock.close)
