@@ -63,9 +63,17 @@ PR_CAP_AMBIENT_CLEAR_ALL: Final = 4
 
 # openat2(2)
 SYS_openat2: Final = 437
-SYS_pivot_root: Final = 155
 RESOLVE_NO_MAGICLINKS: Final = 0x02
 RESOLVE_IN_ROOT: Final = 0x10
+
+# pivot_root(2) predates the unified numbering: per architecture (uname -m).
+# aarch64, riscv64 and loongarch64 use asm-generic's table.
+SYS_PIVOT_ROOT_BY_MACHINE: Final = {
+    "x86_64": 155, "i386": 217, "i686": 217, "aarch64": 41, "riscv64": 41,
+    "loongarch64": 41, "armv7l": 218, "armv6l": 218, "ppc64le": 203, "ppc64": 203,
+    "s390x": 217,
+}
+SYS_pivot_root: Final = SYS_PIVOT_ROOT_BY_MACHINE.get(os.uname().machine, -1)
 
 # The new mount API (same numbers on every architecture since 5.1)
 SYS_open_tree: Final = 428
@@ -135,6 +143,8 @@ def umount2(target: str, flags: int = 0) -> None:
 
 
 def pivot_root(new_root: str, put_old: str) -> None:
+    if SYS_pivot_root < 0:
+        raise OSError(38, f"pivot_root: not known on {os.uname().machine}", new_root)  # ENOSYS
     rc = _libc.syscall(ctypes.c_long(SYS_pivot_root), _b(new_root), _b(put_old))
     _check(rc, "pivot_root", new_root)
 
