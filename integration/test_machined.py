@@ -218,7 +218,15 @@ def test_copy_to_and_bind(testhost: Any, host_mounts: set[str], boot: Any, tmp_p
     )
     assert r.returncode == 0, r.stderr
     assert m.shell("cat /mnt/bound/f").stdout.strip() == "bound"
-    testhost.run(["rm", "-rf", "/var/tmp/mpy-bind", "/var/tmp/mpy-copy"])
+    r = testhost.run(["machinectl", "copy-from", "deb-copy", "/usr/lib/os-release",
+                      "/var/tmp/mpy-os-release"])
+    assert r.returncode == 0, r.stderr
+    assert "Debian" in testhost.run(["cat", "/var/tmp/mpy-os-release"]).stdout
+    status = testhost.run(["machinectl", "status", "--no-pager", "deb-copy"]).stdout
+    assert "Service: machinepy; class container" in status, status
+    assert f"Leader: {m.show()['Leader']}" in status and "Unit: machine-deb" in status
+    testhost.run(["rm", "-rf", "/var/tmp/mpy-bind", "/var/tmp/mpy-copy",
+                  "/var/tmp/mpy-os-release"])
 
 
 def test_boot_detached_prints_name_and_powers_off(
