@@ -9,6 +9,7 @@ call between fork and exec: no locks, no allocation beyond ctypes buffers.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 from typing import Final
 
@@ -96,6 +97,7 @@ SOCK_CLOEXEC: Final = os.O_CLOEXEC  # the same bit, by definition
 class _SockaddrUn(ctypes.Structure):
     _fields_ = [("sun_family", ctypes.c_ushort), ("sun_path", ctypes.c_char * 108)]
 
+
 # statvfs f_flag bits that the kernel locks on bind mounts in a user namespace
 _ST_TO_MS: Final = (
     (os.ST_RDONLY, MS_RDONLY),
@@ -144,7 +146,7 @@ def umount2(target: str, flags: int = 0) -> None:
 
 def pivot_root(new_root: str, put_old: str) -> None:
     if SYS_pivot_root < 0:
-        raise OSError(38, f"pivot_root: not known on {os.uname().machine}", new_root)  # ENOSYS
+        raise OSError(errno.ENOSYS, f"pivot_root: not known on {os.uname().machine}", new_root)
     rc = _libc.syscall(ctypes.c_long(SYS_pivot_root), _b(new_root), _b(put_old))
     _check(rc, "pivot_root", new_root)
 
@@ -157,7 +159,7 @@ def socket(family: int, type_: int) -> int:
 def bind_unix(fd: int, path: str) -> None:
     raw = os.fsencode(path)
     if len(raw) >= 108:
-        raise OSError(36, f"bind: {os.strerror(36)}", path)  # ENAMETOOLONG
+        raise OSError(errno.ENAMETOOLONG, f"bind: {os.strerror(errno.ENAMETOOLONG)}", path)
     addr = _SockaddrUn(AF_UNIX, raw)
     size = _SockaddrUn.sun_path.offset + len(raw) + 1
     _check(_libc.bind(ctypes.c_int(fd), ctypes.byref(addr), ctypes.c_uint(size)), "bind", path)
