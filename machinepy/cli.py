@@ -213,9 +213,9 @@ def _needs_asyncio(spec: ContainerSpec) -> bool:
         return True
     if not spec.register:
         return False
-    from machinepy.sd import system_bus_available, systemd_booted
+    from machinepy.sd import can_register
 
-    return system_bus_available() and systemd_booted()
+    return can_register()
 
 
 def _import_asyncio() -> ModuleType:

@@ -22,3 +22,8 @@ def system_bus_available() -> bool:
 def systemd_booted() -> bool:
     """sd_booted(): systemd is PID 1 of this (pid namespace's) host."""
     return os.path.isdir("/run/systemd/system")
+
+
+def can_register() -> bool:
+    """A system bus and systemd as PID 1: registering with machined may work."""
+    return system_bus_available() and systemd_booted()

@@ -453,7 +453,7 @@ class Supervisor:
             return None
         from machinepy import sd
 
-        if not sd.system_bus_available() or not sd.systemd_booted():
+        if not sd.can_register():
             warn("no systemd system bus; not registering with systemd-machined")
             return None
         from machinepy import machined
