@@ -82,33 +82,6 @@ def sweep_propagate_dirs() -> None:
                 os.rmdir(path)
 
 
-def delegate_cgroup(leader: int, uid: int) -> None:
-    """Hand the scope's cgroup to the container's root, as nspawn does with -U.
-
-    The scope is delegated (Delegate=yes), but its directory and the files a
-    delegatee writes belong to the host's root: systemd inside a user namespace
-    could not create its own subtree.  The list of files is the kernel's.
-    """
-    try:
-        with open(f"/proc/{leader}/cgroup") as f:
-            path = next(line[3:].strip() for line in f if line.startswith("0::"))
-        with open("/proc/self/mountinfo") as f:
-            mount = next(line.split()[4] for line in f
-                         if " - cgroup2 " in line and line.split()[3] == "/")
-        with open("/sys/kernel/cgroup/delegate") as f:
-            files = f.read().split()
-    except (OSError, StopIteration) as e:
-        raise SpawnError(f"delegating the cgroup to the container: {e}") from None
-    directory = mount + path
-    for name in (".", *files):
-        try:
-            os.chown(os.path.join(directory, name), uid, uid)
-        except FileNotFoundError:
-            pass  # that controller's file: not enabled here
-        except OSError as e:
-            raise SpawnError(f"chown {directory}/{name}: {e.strerror}") from None
-
-
 def exit_status(res: os.waitid_result) -> int:
     if res.si_code == os.CLD_EXITED:
         return res.si_status
@@ -180,6 +153,11 @@ class Supervisor:
         self.is_ready = False
         self._ready_waiters: list[Any] = []
         self.ifindices: list[int] = []
+        # Cleans what a SIGKILL would leave (see machinepy.janitor); forked on
+        # first use, so most runs have none.
+        from machinepy.janitor import Janitor
+
+        self.janitor = Janitor()
 
     # -- signals ----------------------------------------------------------
 
@@ -221,6 +199,7 @@ class Supervisor:
 
     async def run(self) -> int:
         with contextlib.ExitStack() as hold:
+            hold.callback(self.janitor.close)
             if self.spec.private_users and not self.spec.user_maps:
                 from machinepy.spec import IdMap
                 from machinepy.userns import RANGE, UsernsError, private_root
@@ -294,8 +273,7 @@ class Supervisor:
                 write_id_maps(child.leader, self.spec)
                 await self._setup_network(stack)
                 propagate = await self._register(stack)
-                if c.registered and self.spec.user_maps:
-                    delegate_cgroup(child.leader, self.spec.user_maps[0].outside)
+                self._own_cgroup(stack)
             except SpawnError as e:
                 self.on_error(str(e))
                 return 1
@@ -486,6 +464,38 @@ class Supervisor:
         with contextlib.suppress(OSError):
             os.setxattr(propagate, PROPAGATE_OWNER_XATTR, _process_key(os.getpid()))
         return propagate
+
+    def _own_cgroup(self, stack: contextlib.AsyncExitStack) -> None:
+        """Registered: hand the scope to a user-namespaced root.  Unregistered:
+        a cgroup of the container's own below ours, which its cgroup namespace
+        (unshared after "go") is then rooted at (see machinepy.cgroup)."""
+        if "cgroup" not in self.spec.namespaces:
+            return
+        from machinepy import cgroup, janitor
+
+        c = self.container
+        try:
+            if c.registered:
+                if self.spec.user_maps:
+                    cgroup.delegate(c.leader, self.spec.user_maps[0].outside)
+                return
+            if self.spec.root is None:
+                # On the host's root the container has the host's /sys anyway: a
+                # cgroup of its own would change nothing it can reach.
+                return
+            try:
+                path = cgroup.make_payload(c.leader)
+            except cgroup.CgroupError:
+                if os.geteuid() == 0 and not self.spec.user_maps:
+                    raise  # its root would see (and could kill) our whole subtree
+                return  # a user's container: its root has no more rights there than the user
+            if path is not None:
+                stack.callback(cgroup.remove, path)
+                if self.die_with_supervisor:
+                    # The daemon's containers outlive it: theirs must stay.
+                    self.janitor.add(janitor.CGROUP, path)
+        except cgroup.CgroupError as e:
+            raise SpawnError(str(e)) from None
 
     async def _unregister(self, reg: object) -> None:
         await reg.unregister()  # type: ignore[attr-defined]

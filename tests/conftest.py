@@ -77,6 +77,16 @@ def _machinepy_processes(exclude: set[int]) -> set[str]:
     return found
 
 
+def _payload_cgroups() -> set[str]:
+    from machinepy.cgroup import PAYLOAD_PREFIX, cgroup2_mount
+
+    mount = cgroup2_mount()
+    if mount is None:
+        return set()
+    return {top for top, _dirs, _files in os.walk(mount)
+            if os.path.basename(top).startswith(PAYLOAD_PREFIX)}
+
+
 def snapshot(exclude_pids: set[int]) -> dict[str, set[str]]:
     """What a container run may leave behind on the host."""
     return {
@@ -85,6 +95,7 @@ def snapshot(exclude_pids: set[int]) -> dict[str, set[str]]:
         "temp": _listdir("/tmp", "machinepy") | _listdir("/var/tmp", "machinepy"),
         "run": _walk("/run/machinepy") | _walk("/run/systemd/nspawn/propagate"),
         "processes": _machinepy_processes(exclude_pids),
+        "cgroups": _payload_cgroups(),
     }
 
 

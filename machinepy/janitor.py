@@ -1,0 +1,97 @@
+# SPDX-License-Identifier: BSD-2-Clause
+"""What the supervisor made on the host, removed even when it is SIGKILLed.
+
+The supervisor's exit stack undoes everything on every path it lives through.
+A few things outlive a SIGKILLed supervisor, though: the container dies with
+it (PDEATHSIG), but a cgroup directory or a socket file does not vanish by
+itself.  For those, a janitor: a small process of its own (a fresh interpreter
+that imports only this module and machinepy.cgroup) holding the read end of
+a pipe.  The supervisor writes each path to clean as it makes it; when the
+pipe reaches EOF — the supervisor exited, however — the janitor cleans every
+one (idempotently: the supervisor normally got there first) and exits.
+
+It is spawned (posix_spawn: no fork of our heap, no copy of our command line
+for `pidof` to find) in a session of its own, out of reach of the terminal's
+^C, once per container that needs one, and nothing waits for it to start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+
+from machinepy import cgroup
+
+# Kinds of job, one line each on the pipe: "KIND PATH\n"
+UNLINK = "unlink"
+RMDIR = "rmdir"
+CGROUP = "cgroup"  # cgroup.kill, then rmdir (see machinepy.cgroup.remove)
+
+
+class Janitor:
+    def __init__(self) -> None:
+        self._w = -1
+        self.pid = 0
+
+    def start(self) -> None:
+        r, w = os.pipe2(os.O_CLOEXEC)
+        top = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        code = f"import sys; sys.path.insert(0, {top!r}); import machinepy.janitor as j; j.serve()"
+        try:
+            null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                self.pid = os.posix_spawn(
+                    sys.executable, [sys.executable, "-I", "-S", "-c", code], {},
+                    file_actions=[(os.POSIX_SPAWN_DUP2, r, 0), (os.POSIX_SPAWN_DUP2, null, 1),
+                                  (os.POSIX_SPAWN_DUP2, null, 2)],
+                    setsid=True)
+            finally:
+                os.close(null)
+        except BaseException:
+            os.close(w)
+            raise
+        finally:
+            os.close(r)
+        self._w = w
+
+    def add(self, kind: str, path: str) -> None:
+        """Clean PATH when we are gone.  Writes one short line: never blocks."""
+        if self._w < 0:
+            self.start()
+        os.write(self._w, f"{kind} {path}\n".encode(errors="surrogateescape"))
+
+    def close(self) -> None:
+        """Let the janitor do its round now (after our own clean-up).
+
+        Not waited for: it may not even have started yet, and a one-shot run
+        should not pay its start-up; it is reaped when it is done (WNOHANG
+        here) or adopted by init once we exit.
+        """
+        if self._w < 0:
+            return
+        os.close(self._w)
+        self._w = -1
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self.pid, os.WNOHANG)
+
+
+def serve() -> None:
+    """The janitor's main: jobs from stdin until EOF, then do them."""
+    # Ours to end: a signal to the supervisor's process group must not stop the
+    # clean-up of a supervisor that was killed.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+        signal.signal(sig, signal.SIG_IGN)
+    data = b""
+    while chunk := os.read(0, 65536):
+        data += chunk
+    for line in data.decode(errors="surrogateescape").splitlines():
+        kind, _, path = line.partition(" ")
+        with contextlib.suppress(OSError):
+            if kind == UNLINK:
+                os.unlink(path)
+            elif kind == RMDIR:
+                os.rmdir(path)
+            elif kind == CGROUP:
+                cgroup.remove(path)
