@@ -272,11 +272,13 @@ def test_malformed_calls_leave_the_daemon_up_and_nothing_behind(host: Any) -> No
 
 
 def test_template_unit_boots_var_lib_machines(host: Any, debian_rootfs: Path) -> None:
-    # A throw-away overlay of the cached rootfs, mounted in the test host only.
+    # A throw-away copy of the cached rootfs on a tmpfs in the test host only: the
+    # unit boots with --private-users=pick, and tmpfs takes the idmapped mount
+    # (the test host's overlay root would not, and chown would copy it all up).
     r = host.shell(
-        "set -e; mkdir -p /tmp/deb-upper /tmp/deb-work /var/lib/machines/svc-deb; "
-        f"mount -t overlay overlay -o lowerdir={debian_rootfs},upperdir=/tmp/deb-upper,"
-        "workdir=/tmp/deb-work /var/lib/machines/svc-deb")
+        "set -e; mkdir -p /var/lib/machines/svc-deb; "
+        "mount -t tmpfs -o mode=755 tmpfs /var/lib/machines/svc-deb; "
+        f"cp -a {debian_rootfs}/. /var/lib/machines/svc-deb/", timeout=120)
     assert r.returncode == 0, r.stderr
     try:
         # Type=notify: returns once the container's systemd has sent READY=1.
@@ -288,13 +290,15 @@ def test_template_unit_boots_var_lib_machines(host: Any, debian_rootfs: Path) ->
         r = host.run(["machinectl", "shell", "-q", "svc-deb", "/bin/sh", "-c",
                       "systemctl is-system-running --wait"], timeout=60)
         assert r.stdout.strip() in ("running", "degraded"), r.stdout + r.stderr
+        r = host.run(["machinectl", "shell", "-q", "svc-deb", "/bin/cat", "/proc/self/uid_map"])
+        inside, base, count = (int(x) for x in r.stdout.split())
+        assert (inside, count) == (0, 65536) and base >= 0x80000, r.stdout + r.stderr
         assert host.run(["systemctl", "stop", "machinepy@svc-deb.service"],
                         timeout=120).returncode == 0
         assert "svc-deb" not in host.run(["machinectl", "list"]).stdout
     finally:
         host.run(["systemctl", "stop", "machinepy@svc-deb.service"], timeout=120)
-        host.shell("umount /var/lib/machines/svc-deb; rm -rf /tmp/deb-upper /tmp/deb-work; "
-                   "rmdir /var/lib/machines/svc-deb")
+        host.shell("umount /var/lib/machines/svc-deb; rmdir /var/lib/machines/svc-deb")
 
 
 def test_boot_detach_hands_the_container_to_the_service(host: Any, debian_rootfs: Path) -> None:
