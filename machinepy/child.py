@@ -69,6 +69,7 @@ class ChildConfig(NamedTuple):
     cgroupns: bool = True  # unshared after "go", once the leader sits in its scope
     console: int | None = None  # pty slave fd: becomes the controlling tty and 0-2
     caps_drop: Sequence[int] = ()
+    landlock_scope: int = 0  # LANDLOCK_SCOPE_* bits; 0: no Landlock domain
     keep_fds: Sequence[int] = ()
     notify: int | None = None  # datagram socket bound at /run/host/notify inside
     supervisor: int = 0  # pid whose death kills the container (0: outlive it, for the daemon)
@@ -163,6 +164,9 @@ def container_init(cfg: ChildConfig, status_w: int, go_r: int) -> NoReturn:
         if cfg.console is not None:
             _take_console(cfg.console)
         _drop_caps(cfg.caps_drop)
+        if cfg.landlock_scope:
+            # While still privileged: restrict_self needs CAP_SYS_ADMIN or no_new_privs.
+            _step("landlock", linux.landlock_scope, cfg.landlock_scope)
         _become_user(cfg)
         _die_with_supervisor(cfg.supervisor, status_w)
         _chdir(cfg)

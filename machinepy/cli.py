@@ -20,6 +20,7 @@ from machinepy.spec import (
     OWNERSHIPS,
     ContainerSpec,
     SpecError,
+    parse_landlock_scope,
     parse_mount,
     parse_netif,
     parse_netif_address,
@@ -107,6 +108,9 @@ def _container_options(p: argparse.ArgumentParser, *, boot: bool) -> None:
                    help="enable accounting for CONTROLLER on the machine's scope")
     p.add_argument("--property", "-p", action="append", default=[], metavar="NAME=VALUE",
                    help="set a property on the machine's scope unit")
+    p.add_argument("--landlock-scope", default="none", metavar="SCOPE[,...]|all|none",
+                   help="Landlock scopes: abstract-unix-socket (no host abstract sockets), "
+                   "signal (no signals to the host's processes)")
     p.add_argument("--machine", metavar="NAME", help="machine name (default pflask-<pid>)")
     p.add_argument("--register", type=_bool, default=True, metavar="yes|no",
                    help="register with systemd-machined (default yes)")
@@ -204,6 +208,7 @@ def spec_from_args(args: argparse.Namespace) -> ContainerSpec:
         notify_ready=args.notify_ready,
         private_users=args.private_users == "pick",
         ownership=args.private_users_ownership,
+        landlock_scope=parse_landlock_scope(args.landlock_scope),
     )
 
 

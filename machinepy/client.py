@@ -124,6 +124,8 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Variant]:
     if args.private_users_ownership != "auto":
         put("PrivateUsersOwnership", "s", args.private_users_ownership)
     put("Caps", "as", args.caps)
+    if args.landlock_scope != "none":
+        put("LandlockScope", "s", args.landlock_scope)
     put("Cgroups", "as", args.cgroup)
     put("Properties", "as", args.property)
     put("NoNamespaces", "as", [ns for ns in ("user", "mount", "net", "ipc", "uts", "pid")

@@ -87,6 +87,16 @@ AT_RECURSIVE: Final = 0x8000
 MOVE_MOUNT_F_EMPTY_PATH: Final = 0x4
 MOUNT_ATTR_IDMAP: Final = 0x00100000
 
+# Landlock (same numbers on every architecture since 5.13)
+SYS_landlock_create_ruleset: Final = 444
+SYS_landlock_restrict_self: Final = 446
+LANDLOCK_CREATE_RULESET_VERSION: Final = 0x1
+# Scopes (ABI 6, Linux 6.12): no connecting to abstract unix sockets, no
+# signals, outside the domain.
+LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET: Final = 0x1
+LANDLOCK_SCOPE_SIGNAL: Final = 0x2
+LANDLOCK_SCOPE_ABI: Final = 6
+
 # socket(2) and bind(2): PID 1's only socket calls, so the child needs no socket module
 AF_UNIX: Final = 1
 AF_INET: Final = 2
@@ -236,3 +246,33 @@ def idmap_tree(tree_fd: int, userns_fd: int) -> None:
                        ctypes.c_uint(AT_EMPTY_PATH | AT_RECURSIVE), ctypes.byref(attr),
                        ctypes.c_size_t(ctypes.sizeof(attr)))
     _check(rc, "mount_setattr")
+
+
+class _LandlockRulesetAttr(ctypes.Structure):
+    _fields_ = (
+        ("handled_access_fs", ctypes.c_uint64),
+        ("handled_access_net", ctypes.c_uint64),
+        ("scoped", ctypes.c_uint64),
+    )
+
+
+def landlock_abi() -> int:
+    """The kernel's Landlock ABI version; 0 without Landlock."""
+    rc = _libc.syscall(ctypes.c_long(SYS_landlock_create_ruleset), None, ctypes.c_size_t(0),
+                       ctypes.c_uint32(LANDLOCK_CREATE_RULESET_VERSION))
+    return max(int(rc), 0)
+
+
+def landlock_scope(scoped: int) -> None:
+    """Confine this process and its future children to a Landlock domain that
+    only scopes (SCOPED: LANDLOCK_SCOPE_* bits) and restricts no file access.
+    Needs no_new_privs or CAP_SYS_ADMIN in our user namespace."""
+    attr = _LandlockRulesetAttr(0, 0, scoped)
+    fd = _check(_libc.syscall(ctypes.c_long(SYS_landlock_create_ruleset), ctypes.byref(attr),
+                              ctypes.c_size_t(ctypes.sizeof(attr)), ctypes.c_uint32(0)),
+                "landlock_create_ruleset")
+    try:
+        _check(_libc.syscall(ctypes.c_long(SYS_landlock_restrict_self), ctypes.c_int(fd),
+                             ctypes.c_uint32(0)), "landlock_restrict_self")
+    finally:
+        os.close(fd)

@@ -159,6 +159,7 @@ OPTIONS = {
     "PrivateUsers": Option("s", "private_users"),  # "pick" or "no", as --private-users
     "PrivateUsersOwnership": Option("s", "private_users_ownership"),  # auto, map, chown
     "Caps": Option("as", "caps"),
+    "LandlockScope": Option("s", "landlock_scope"),  # as --landlock-scope
     "Cgroups": Option("as", "cgroup"),
     "Properties": Option("as", "property"),
     "Register": Option("b", "register"),

@@ -79,7 +79,14 @@ def child_config(spec: ContainerSpec, *, console: int | None = None,
         console=console,
         supervisor=os.getpid() if die_with_supervisor else 0,
         caps_drop=bounding_drop(spec.caps, private_network="net" in spec.namespaces),
+        landlock_scope=landlock_bits(spec.landlock_scope),
     )
+
+
+def landlock_bits(scopes: tuple[str, ...]) -> int:
+    bits = {"abstract-unix-socket": linux.LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET,
+            "signal": linux.LANDLOCK_SCOPE_SIGNAL}
+    return sum(bits[s] for s in scopes)
 
 
 class SpawnError(Exception):

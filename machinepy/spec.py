@@ -233,6 +233,26 @@ def parse_setenv(spec: str) -> list[tuple[str, str]]:
 
 
 # ---------------------------------------------------------------------------
+# Landlock scopes
+
+LANDLOCK_SCOPES = ("abstract-unix-socket", "signal")
+
+
+def parse_landlock_scope(spec: str) -> tuple[str, ...]:
+    """`all`, `none` or a comma-separated list of LANDLOCK_SCOPES."""
+    if spec == "none":
+        return ()
+    if spec == "all":
+        return LANDLOCK_SCOPES
+    names = tuple(dict.fromkeys(n.strip() for n in spec.split(",")))
+    for name in names:
+        if name not in LANDLOCK_SCOPES:
+            raise SpecError(f"invalid --landlock-scope {spec!r}: unknown scope {name!r} "
+                            f"(expected {', '.join(LANDLOCK_SCOPES)}, all or none)")
+    return names
+
+
+# ---------------------------------------------------------------------------
 # Machine names (machined's hostname_is_valid rules, without trailing dot)
 
 MACHINE_NAME_RE = r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*"
@@ -292,6 +312,10 @@ class ContainerSpec(NamedTuple):
     # one-time lchown ("chown"), or map where the filesystem allows it ("auto").
     ownership: Ownership = "auto"
     machine_id: uuid.UUID | None = None  # None: a random one, made when needed
+    # Landlock scopes ("abstract-unix-socket", "signal"): a host-network
+    # container cut off from the host's abstract sockets, and from signalling
+    # anything outside it.
+    landlock_scope: tuple[str, ...] = ()
 
     def replace(self, **changes: Any) -> ContainerSpec:
         return self._replace(**changes)
@@ -332,6 +356,12 @@ def validate(spec: ContainerSpec) -> ContainerSpec:
     elif "user" in spec.namespaces and not spec.user_maps:
         raise SpecError("a user namespace needs at least one --user-map")
     check_user_maps(spec.user_maps)
+    if spec.landlock_scope:
+        from machinepy import linux
+
+        if linux.landlock_abi() < linux.LANDLOCK_SCOPE_ABI:
+            raise SpecError("--landlock-scope needs Landlock ABI 6 (Linux 6.12, with landlock "
+                            "among the kernel's lsm=)")
     inside = {n.inside for n in spec.netifs}
     if len(inside) != len(spec.netifs):
         raise SpecError("--netif: two interfaces get the same name inside the container")

@@ -225,6 +225,7 @@ def test_options_mirror_the_cli(tmp_path: Path) -> None:
     ({"PrivateUsers": Variant("s", "maybe")}, "PrivateUsers must be 'pick' or 'no'"),
     ({"PrivateUsersOwnership": Variant("s", "bind")}, "must be one of auto, map, chown"),
     ({"BaseEnvironment": Variant("as", ["PATH"])}, "'PATH' is not NAME=VALUE"),
+    ({"LandlockScope": Variant("s", "files")}, "unknown scope 'files'"),
 ])
 def test_bad_options_are_one_line_errors(options: dict[str, Variant], message: str) -> None:
     with pytest.raises(SpecError, match=message) as e:
@@ -241,6 +242,11 @@ def test_private_users_and_base_environment(tmp_path: Path) -> None:
     assert spec.private_users and "user" in spec.namespaces and spec.ownership == "chown"
     assert spec.base_env == (("HOME", "/home/me"), ("EMPTY", ""), ("EQ", "a=b"))
     assert spec_from_options("x", str(tmp_path), ["true"], {}).base_env is None
+
+
+def test_landlock_scope_option() -> None:
+    spec = spec_from_options("x", "", ["true"], {"LandlockScope": Variant("s", "all")})
+    assert spec.landlock_scope == ("abstract-unix-socket", "signal")
 
 
 def test_host_root_when_root_is_empty_or_slash() -> None:
