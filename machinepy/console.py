@@ -16,6 +16,7 @@ import termios
 import time
 import tty
 from collections.abc import Callable
+from typing import Any
 
 from machinepy.loop import LoopLike
 
@@ -66,9 +67,11 @@ class _Pipe:
         self.filter, self.on_eio = filter, on_eio
         self.buf = bytearray()
         self.reading = False
+        self.wanted = False  # started, and not stopped: what a drained buffer resumes
         self.closed = False
 
     def start(self) -> None:
+        self.wanted = True
         if not self.reading and not self.closed:
             self.loop.add_reader(self.src, self._readable)
             self.reading = True
@@ -96,6 +99,10 @@ class _Pipe:
             return
         if self.filter is not None:
             data = self.filter(data)
+        self.feed(data)
+
+    def feed(self, data: bytes) -> None:
+        """Send DATA on (buffered while the destination is full)."""
         self.buf += data
         self._flush()
 
@@ -112,7 +119,7 @@ class _Pipe:
         if self.buf:
             self._pause()
             self.loop.add_writer(self.dst, self._writable)
-        else:
+        elif self.wanted:
             self.start()
 
     def _writable(self) -> None:
@@ -142,6 +149,7 @@ class _Pipe:
                 break
 
     def stop(self) -> None:
+        self.wanted = False
         self._pause()
         with contextlib.suppress(ValueError, OSError):
             self.loop.remove_writer(self.dst)
@@ -160,7 +168,10 @@ class Relay:
         self.master = master
         self.on_escape = on_escape
         self.interactive = interactive
-        self.presses: list[float] = []
+        # ^] presses not forwarded yet: the start of an escape, perhaps.
+        self.held = 0
+        self.held_since = 0.0
+        self._release_timer: Any = None
         self.saved: list[object] | None = None
         self.loop = loop
         self.inp = _Pipe(self.loop, 0, master, filter=self._watch_escape)
@@ -183,16 +194,38 @@ class Relay:
             copy_winsize(1, self.master)
 
     def _watch_escape(self, data: bytes) -> bytes:
+        """Hold ^] back: forwarded once another key follows or the window
+        passes, dropped when the third completes the escape — so nothing of
+        ^]^]^] reaches the container (systemd's ptyfwd does the same)."""
         now = time.monotonic()
+        out = bytearray()
         for byte in data:
-            if byte == ESCAPE:
-                self.presses = [t for t in self.presses if now - t < ESCAPE_WINDOW] + [now]
-                if len(self.presses) >= ESCAPE_COUNT:
-                    self.presses.clear()
-                    self.loop.call_soon(self.on_escape)
-            else:
-                self.presses.clear()
-        return data
+            if byte != ESCAPE:
+                out += self._take_held()
+                out.append(byte)
+                continue
+            if self.held and now - self.held_since >= ESCAPE_WINDOW:
+                out += self._take_held()
+            if not self.held:
+                self.held_since = now
+                self._release_timer = self.loop.call_later(ESCAPE_WINDOW, self._release)
+            self.held += 1
+            if self.held >= ESCAPE_COUNT:
+                self._take_held()
+                self.loop.call_soon(self.on_escape)
+        return bytes(out)
+
+    def _take_held(self) -> bytes:
+        if self._release_timer is not None:
+            self._release_timer.cancel()
+            self._release_timer = None
+        held, self.held = self.held, 0
+        return bytes([ESCAPE]) * held
+
+    def _release(self) -> None:
+        # A lone ^] (or two): no escape after all.
+        self._release_timer = None
+        self.inp.feed(self._take_held())
 
     def _hangup(self) -> None:
         # systemd re-opens /dev/console and calls vhangup() while booting; the
@@ -200,6 +233,7 @@ class Relay:
         self.loop.call_later(0.1, self.out.start)
 
     def stop(self) -> None:
+        self._take_held()  # the release timer with it
         self.inp.stop()
         self.out.drain()
         self.out.stop()
