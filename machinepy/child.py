@@ -17,6 +17,7 @@ exits; the supervisor turns it into one line on stderr.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import select
@@ -128,6 +129,9 @@ def container_init(cfg: ChildConfig, status_w: int, go_r: int) -> NoReturn:
             signal.signal(sig, signal.SIG_DFL)
         signal.set_wakeup_fd(-1)
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
+        # A session of our own in every console mode: the container must never
+        # hold the user's controlling terminal (TIOCSTI, job control signals).
+        _step("setsid", os.setsid)
         go = _read_go(go_r).split(b" ", 1)
         os.close(go_r)
         if go[0] != b"go":
@@ -142,12 +146,19 @@ def container_init(cfg: ChildConfig, status_w: int, go_r: int) -> NoReturn:
         # Host paths are opened while we still have our host credentials.
         host_root = _open_root(cfg.root) if cfg.root is not None and cfg.root_tree is None else -1
         try:
-            plan, _fds = preopen(plan)
+            plan, host_fds = preopen(plan)
         except OSError as e:
             raise ChildError("mount source", e) from None
+        # Handles on the host's tree: closed as soon as the mounts are made,
+        # before anything (chdir to HOME, exec) could go through them.
+        host_fds += [fd for fd in (host_root, cfg.root_tree) if fd is not None and fd >= 0]
         if cfg.unshare_flags & linux.CLONE_NEWUSER:
             # Our host uid is unmapped in the new namespace until we become its root.
             _step("become root in the user namespace", _become_ns_root)
+        else:
+            # The container's root is the host's root: not the caller's groups, too.
+            _step("drop supplementary groups", os.setgroups, [])
+        _join_session_keyring()
         if cfg.cgroupns:
             _step("unshare cgroup namespace", linux.unshare, linux.CLONE_NEWCGROUP)
         if cfg.unshare_flags & linux.CLONE_NEWNET:
@@ -158,9 +169,10 @@ def container_init(cfg: ChildConfig, status_w: int, go_r: int) -> NoReturn:
             _step("make mounts private", linux.mount, None, "/", None,
                   linux.MS_REC | linux.MS_SLAVE)
         if cfg.root is not None:
-            _enter_root(cfg, host_root, plan)
+            _enter_root(cfg, host_root, plan, host_fds)
         else:
             _apply_plan(plan, "/")
+            _close_all(host_fds)
         if cfg.console is not None:
             _take_console(cfg.console)
         _drop_caps(cfg.caps_drop)
@@ -196,6 +208,23 @@ def _become_ns_root() -> None:
             if f.read().strip() != b"deny":
                 raise
     os.setresuid(0, 0, 0)
+
+
+def _join_session_keyring() -> None:
+    # The caller's session keyring (its credentials, tokens) is not the
+    # container's: a new anonymous one.  Where keyrings are compiled out or
+    # denied by policy there is nothing to leak: go on.
+    try:
+        linux.join_session_keyring()
+    except OSError as e:
+        if e.errno not in (errno.ENOSYS, errno.EPERM, errno.EACCES):
+            raise ChildError("join session keyring", e) from None
+
+
+def _close_all(fds: Sequence[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def _loopback_up() -> None:
@@ -236,7 +265,8 @@ def _open_root(root: str) -> int:
         raise ChildError("open root", e) from None
 
 
-def _enter_root(cfg: ChildConfig, host_root: int, plan: Sequence[MountOp]) -> None:
+def _enter_root(cfg: ChildConfig, host_root: int, plan: Sequence[MountOp],
+                host_fds: Sequence[int]) -> None:
     _step("mount staging tmpfs", linux.mount, "tmpfs", STAGING, "tmpfs", linux.MS_NOSUID,
           "mode=755")
     _step("mkdir", os.mkdir, STAGED_ROOT, 0o755)
@@ -263,6 +293,7 @@ def _enter_root(cfg: ChildConfig, host_root: int, plan: Sequence[MountOp]) -> No
         os.chdir("/")
     except OSError as e:
         raise ChildError("pivot_root", e) from None
+    _close_all(host_fds)
 
 
 def _bind_notify(fd: int, root: str) -> None:
@@ -294,7 +325,7 @@ def _ephemeral_root(lower: str) -> None:
 
 
 def _take_console(fd: int) -> None:
-    os.setsid()
+    # Our session (setsid at start) has no terminal yet: this one becomes it.
     try:
         fcntl.ioctl(fd, termios.TIOCSCTTY, 0)
     except OSError as e:
@@ -341,14 +372,41 @@ def _die_with_supervisor(supervisor: int, status_w: int) -> None:
 
 def _chdir(cfg: ChildConfig) -> None:
     target = cfg.chdir or (cfg.env.get("HOME") if cfg.root is not None else None)
-    if target is None:
-        return
+    if target is not None:
+        try:
+            _chdir_in_root(target)
+        except OSError as e:
+            if cfg.chdir is not None:
+                raise ChildError("chdir", e) from None
+            os.chdir("/")  # an unusable HOME: start in / as login(1) does
+    if cfg.root is None and target is None:
+        return  # the caller's own cwd on the host's own root
+    # The cwd must lie below the container's root: the kernel tells through
+    # getcwd, whose path would be "(unreachable)…", which glibc reports as ENOENT.
     try:
-        os.chdir(target)
+        os.getcwd()
     except OSError as e:
-        if cfg.chdir is not None:
-            raise ChildError("chdir", e) from None
-        os.chdir("/")
+        raise ChildError("chdir", OSError(e.errno, "working directory outside the container",
+                                          target or "/")) from None
+
+
+def _chdir_in_root(target: str) -> None:
+    """chdir to TARGET resolved inside "/": no symlink leads out of it, and no
+    magic link (/proc/self/fd/N, /proc/PID/cwd) leads anywhere."""
+    root = os.open("/", O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fd = linux.openat2(root, target.lstrip("/") or ".", O_PATH | os.O_DIRECTORY,
+                           linux.RESOLVE_IN_ROOT | linux.RESOLVE_NO_MAGICLINKS)
+    except OSError as e:
+        raise OSError(e.errno, os.strerror(e.errno or 0), target) from None
+    finally:
+        os.close(root)
+    try:
+        os.fchdir(fd)
+    except OSError as e:
+        raise OSError(e.errno, os.strerror(e.errno or 0), target) from None
+    finally:
+        os.close(fd)
 
 
 def _exec(cfg: ChildConfig) -> NoReturn:

@@ -79,12 +79,24 @@ SYS_pivot_root: Final = SYS_PIVOT_ROOT_BY_MACHINE.get(os.uname().machine, -1)
 # The new mount API (same numbers on every architecture since 5.1)
 SYS_open_tree: Final = 428
 SYS_move_mount: Final = 429
+SYS_fsopen: Final = 430
+SYS_fsconfig: Final = 431
+SYS_fsmount: Final = 432
 SYS_mount_setattr: Final = 442
 AT_FDCWD: Final = -100
 OPEN_TREE_CLONE: Final = 0x1
 AT_EMPTY_PATH: Final = 0x1000
 AT_RECURSIVE: Final = 0x8000
 MOVE_MOUNT_F_EMPTY_PATH: Final = 0x4
+MOVE_MOUNT_T_EMPTY_PATH: Final = 0x40
+FSOPEN_CLOEXEC: Final = 0x1
+FSCONFIG_SET_STRING: Final = 1
+FSCONFIG_CMD_CREATE: Final = 6
+FSMOUNT_CLOEXEC: Final = 0x1
+MOUNT_ATTR_RDONLY: Final = 0x1
+MOUNT_ATTR_NOSUID: Final = 0x2
+MOUNT_ATTR_NODEV: Final = 0x4
+MOUNT_ATTR_NOEXEC: Final = 0x8
 MOUNT_ATTR_IDMAP: Final = 0x00100000
 
 # Landlock (same numbers on every architecture since 5.13)
@@ -96,6 +108,16 @@ LANDLOCK_CREATE_RULESET_VERSION: Final = 0x1
 LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET: Final = 0x1
 LANDLOCK_SCOPE_SIGNAL: Final = 0x2
 LANDLOCK_SCOPE_ABI: Final = 6
+# keyctl(2): like pivot_root, numbered per architecture
+SYS_KEYCTL_BY_MACHINE: Final = {
+    "x86_64": 250, "i386": 288, "i686": 288, "aarch64": 219, "riscv64": 219,
+    "loongarch64": 219, "armv7l": 311, "armv6l": 311, "ppc64le": 271, "ppc64": 271,
+    "s390x": 280,
+}
+SYS_keyctl: Final = SYS_KEYCTL_BY_MACHINE.get(os.uname().machine, -1)
+KEYCTL_GET_KEYRING_ID: Final = 0
+KEYCTL_JOIN_SESSION_KEYRING: Final = 1
+KEY_SPEC_SESSION_KEYRING: Final = -3
 
 # socket(2) and bind(2): PID 1's only socket calls, so the child needs no socket module
 AF_UNIX: Final = 1
@@ -106,18 +128,6 @@ SOCK_CLOEXEC: Final = os.O_CLOEXEC  # the same bit, by definition
 
 class _SockaddrUn(ctypes.Structure):
     _fields_ = [("sun_family", ctypes.c_ushort), ("sun_path", ctypes.c_char * 108)]
-
-
-# statvfs f_flag bits that the kernel locks on bind mounts in a user namespace
-_ST_TO_MS: Final = (
-    (os.ST_RDONLY, MS_RDONLY),
-    (os.ST_NOSUID, MS_NOSUID),
-    (os.ST_NODEV, MS_NODEV),
-    (os.ST_NOEXEC, MS_NOEXEC),
-    (os.ST_NOATIME, MS_NOATIME),
-    (os.ST_NODIRATIME, MS_NODIRATIME),
-    (os.ST_RELATIME, MS_RELATIME),
-)
 
 
 def _check(result: int, what: str, path: str | None = None) -> int:
@@ -205,12 +215,6 @@ def openat2(dirfd: int, path: str, flags: int, resolve: int, mode: int = 0) -> i
     return _check(rc, "openat2", path)
 
 
-def mount_flags_of(path: str) -> int:
-    """MS_* flags currently on the mount at PATH (kept on read-only remounts)."""
-    st = os.statvfs(path)
-    return sum(ms for st_flag, ms in _ST_TO_MS if st.f_flag & st_flag)
-
-
 def open_tree(dirfd: int, path: str, flags: int) -> int:
     """A detached copy of the mount tree at PATH (OPEN_TREE_CLONE), as an fd."""
     rc = _libc.syscall(ctypes.c_long(SYS_open_tree), ctypes.c_int(dirfd), _b(path),
@@ -218,12 +222,31 @@ def open_tree(dirfd: int, path: str, flags: int) -> int:
     return _check(rc, "open_tree", path or None)
 
 
-def move_mount(from_fd: int, to_path: str) -> None:
-    """Attach the detached tree FROM_FD at TO_PATH."""
+def move_mount(from_fd: int, to_path: str = "", to_fd: int = AT_FDCWD) -> None:
+    """Attach the detached tree FROM_FD at TO_PATH, or onto the fd TO_FD itself
+    (an O_PATH fd: no path is looked up again, so nothing can be swapped in)."""
+    flags = MOVE_MOUNT_F_EMPTY_PATH | (0 if to_path else MOVE_MOUNT_T_EMPTY_PATH)
     rc = _libc.syscall(ctypes.c_long(SYS_move_mount), ctypes.c_int(from_fd), b"",
-                       ctypes.c_int(AT_FDCWD), _b(to_path),
-                       ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH))
-    _check(rc, "move_mount", to_path)
+                       ctypes.c_int(to_fd), _b(to_path), ctypes.c_uint(flags))
+    _check(rc, "move_mount", to_path or None)
+
+
+def fsmount_tmpfs(**options: str) -> int:
+    """A new tmpfs, not attached anywhere: a detached mount's fd (fsopen + fsmount)."""
+    fs = _check(_libc.syscall(ctypes.c_long(SYS_fsopen), b"tmpfs", ctypes.c_uint(FSOPEN_CLOEXEC)),
+                "fsopen")
+    try:
+        for key, value in options.items():
+            _check(_libc.syscall(ctypes.c_long(SYS_fsconfig), ctypes.c_int(fs),
+                                 ctypes.c_uint(FSCONFIG_SET_STRING), key.encode(),
+                                 value.encode(), ctypes.c_int(0)), f"fsconfig {key}")
+        _check(_libc.syscall(ctypes.c_long(SYS_fsconfig), ctypes.c_int(fs),
+                             ctypes.c_uint(FSCONFIG_CMD_CREATE), None, None, ctypes.c_int(0)),
+               "fsconfig create")
+        return _check(_libc.syscall(ctypes.c_long(SYS_fsmount), ctypes.c_int(fs),
+                                    ctypes.c_uint(FSMOUNT_CLOEXEC), ctypes.c_uint(0)), "fsmount")
+    finally:
+        os.close(fs)
 
 
 class _MountAttr(ctypes.Structure):
@@ -235,18 +258,24 @@ class _MountAttr(ctypes.Structure):
     )
 
 
+def set_mount_attr(tree_fd: int, attr_set: int, propagation: int = 0,
+                   userns_fd: int = 0) -> None:
+    """mount_setattr(2) on every mount of the tree TREE_FD: set ATTR_SET (MOUNT_ATTR_*),
+    leave every other flag as it is (locked flags in a user namespace included)."""
+    attr = _MountAttr(attr_set, 0, propagation, userns_fd)
+    rc = _libc.syscall(ctypes.c_long(SYS_mount_setattr), ctypes.c_int(tree_fd), b"",
+                       ctypes.c_uint(AT_EMPTY_PATH | AT_RECURSIVE), ctypes.byref(attr),
+                       ctypes.c_size_t(ctypes.sizeof(attr)))
+    _check(rc, "mount_setattr")
+
+
 def idmap_tree(tree_fd: int, userns_fd: int) -> None:
     """Map the owners seen through the detached tree TREE_FD by USERNS_FD's maps.
 
     Also makes it a slave: a clone of a shared mount would otherwise stay in
     its peer group, and the container's mounts below its root would reach the host.
     """
-    attr = _MountAttr(MOUNT_ATTR_IDMAP, 0, MS_SLAVE, userns_fd)
-    rc = _libc.syscall(ctypes.c_long(SYS_mount_setattr), ctypes.c_int(tree_fd), b"",
-                       ctypes.c_uint(AT_EMPTY_PATH | AT_RECURSIVE), ctypes.byref(attr),
-                       ctypes.c_size_t(ctypes.sizeof(attr)))
-    _check(rc, "mount_setattr")
-
+    set_mount_attr(tree_fd, MOUNT_ATTR_IDMAP, MS_SLAVE, userns_fd)
 
 class _LandlockRulesetAttr(ctypes.Structure):
     _fields_ = (
@@ -276,3 +305,17 @@ def landlock_scope(scoped: int) -> None:
                              ctypes.c_uint32(0)), "landlock_restrict_self")
     finally:
         os.close(fd)
+
+
+
+def keyctl(op: int, arg2: int = 0) -> int:
+    if SYS_keyctl < 0:
+        raise OSError(errno.ENOSYS, f"keyctl: not known on {os.uname().machine}")
+    rc = _libc.syscall(ctypes.c_long(SYS_keyctl), ctypes.c_int(op), ctypes.c_long(arg2),
+                       ctypes.c_long(0), ctypes.c_long(0), ctypes.c_long(0))
+    return _check(rc, "keyctl")
+
+
+def join_session_keyring() -> int:
+    """A new anonymous session keyring for this process (KEYCTL_JOIN_SESSION_KEYRING, NULL)."""
+    return keyctl(KEYCTL_JOIN_SESSION_KEYRING, 0)

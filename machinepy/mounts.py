@@ -17,13 +17,10 @@ from typing import Literal, NamedTuple, Protocol
 
 from machinepy import linux
 from machinepy.linux import (
-    MS_BIND,
     MS_NODEV,
     MS_NOEXEC,
     MS_NOSUID,
     MS_RDONLY,
-    MS_REC,
-    MS_REMOUNT,
     MS_SLAVE,
     MS_STRICTATIME,
 )
@@ -98,15 +95,25 @@ def _mount_at(root_fd: int, target: str, create: Create, source: str | None, fst
         os.close(fd)
 
 
-def _remount_ro(root_fd: int, target: str) -> None:
-    # Reopen: the new mount now sits on top of the path.
-    fd = open_in_root(root_fd, target)
+def _attach_clone(root_fd: int, target: str, create: Create, source_fd: int, source: str,
+                  recursive: bool, attrs: int) -> None:
+    """Bind SOURCE (relative to SOURCE_FD) at container path TARGET, race-free:
+    a detached clone (open_tree) gets its flags (mount_setattr) before it is
+    attached (move_mount) onto an fd, so the tree is never visible writable and
+    no path is looked up a second time."""
+    fd = open_in_root(root_fd, target, create)
     try:
-        path = _fd_path(fd)
-        flags = linux.mount_flags_of(path)
-        linux.mount(None, path, None, MS_BIND | MS_REMOUNT | MS_RDONLY | flags)
+        flags = linux.OPEN_TREE_CLONE | (linux.AT_RECURSIVE if recursive else 0)
+        tree = linux.open_tree(source_fd, source, flags | (0 if source else linux.AT_EMPTY_PATH))
+        try:
+            if attrs:
+                linux.set_mount_attr(tree, attrs)
+            linux.move_mount(tree, to_fd=fd)
+        finally:
+            os.close(tree)
     except OSError as e:
-        raise OSError(e.errno, f"remount read-only: {e.strerror}", target) from None
+        what = "bind read-only" if attrs & linux.MOUNT_ATTR_RDONLY else "bind"
+        raise OSError(e.errno, f"mount {what}: {e.strerror}", target) from None
     finally:
         os.close(fd)
 
@@ -162,10 +169,9 @@ class BindMount(NamedTuple):
             if self.optional:
                 return
             raise
-        flags = MS_BIND | (MS_REC if self.recursive else 0)
-        _mount_at(root_fd, self.target, "dir" if is_dir else "file", self.source, None, flags, None)
-        if self.read_only:
-            _remount_ro(root_fd, self.target)
+        _attach_clone(root_fd, self.target, "dir" if is_dir else "file", linux.AT_FDCWD,
+                      self.source, self.recursive,
+                      linux.MOUNT_ATTR_RDONLY if self.read_only else 0)
 
 
 class ReadOnly(NamedTuple):
@@ -182,10 +188,77 @@ class ReadOnly(NamedTuple):
                 return
             raise
         try:
-            linux.mount(_fd_path(fd), _fd_path(fd), None, MS_BIND | MS_REC)
+            _attach_clone(root_fd, self.target, None, fd, "", True, linux.MOUNT_ATTR_RDONLY)
         finally:
             os.close(fd)
-        _remount_ro(root_fd, self.target)
+
+
+# Empty nodes bound over what a container must not see (nspawn's "inaccessible"
+# nodes): mode 0000, read-only, on a tmpfs of their own.
+_MASK_ATTRS = (linux.MOUNT_ATTR_RDONLY | linux.MOUNT_ATTR_NOSUID | linux.MOUNT_ATTR_NODEV
+               | linux.MOUNT_ATTR_NOEXEC)
+
+
+class Masks(NamedTuple):
+    """Hide each of INACCESSIBLE (where it exists) behind an empty mode-0000 file
+    or directory, and give the container a boot_id of its own at BOOT_ID.
+
+    The nodes live on a small tmpfs made for them (fsmount), attached on top of
+    the container's root only while they are cloned: nothing is created on the
+    host, the binds keep the tmpfs alive, and it goes with the mount namespace.
+    """
+
+    inaccessible: tuple[str, ...]
+    boot_id: str | None = None
+
+    def apply(self, root_fd: int) -> None:
+        scratch = linux.fsmount_tmpfs(mode="0755", size="64k")
+        try:
+            os.close(os.open("reg", os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0,
+                             dir_fd=scratch))
+            os.mkdir("dir", 0, dir_fd=scratch)
+            os.chmod("reg", 0, dir_fd=scratch)
+            os.chmod("dir", 0, dir_fd=scratch)
+            if self.boot_id is not None:
+                fd = os.open("boot_id", os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC,
+                             0o444, dir_fd=scratch)
+                try:
+                    os.write(fd, random_uuid().encode() + b"\n")
+                finally:
+                    os.close(fd)
+            # A clone must come from a mount in our namespace (before Linux 6.15
+            # a detached one is refused): stack the tmpfs on the root for now.
+            # Paths resolved from ROOT_FD start below it and never see it.
+            linux.move_mount(scratch, to_fd=root_fd)
+            try:
+                self._bind_all(root_fd, scratch)
+            finally:
+                linux.umount2(_fd_path(scratch), linux.MNT_DETACH)
+        finally:
+            os.close(scratch)
+
+    def _bind_all(self, root_fd: int, scratch: int) -> None:
+        for target in self.inaccessible:
+            try:
+                fd = open_in_root(root_fd, target)
+            except FileNotFoundError:
+                continue
+            try:
+                node = "dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "reg"
+                _attach_clone(root_fd, target, None, scratch, node, False, _MASK_ATTRS)
+            finally:
+                os.close(fd)
+        if self.boot_id is not None:
+            _attach_clone(root_fd, self.boot_id, None, scratch, "boot_id", False, _MASK_ATTRS)
+
+
+def random_uuid() -> str:
+    """A random (version 4) UUID, without importing uuid (this runs in the child)."""
+    b = bytearray(os.urandom(16))
+    b[6] = (b[6] & 0x0F) | 0x40
+    b[8] = (b[8] & 0x3F) | 0x80
+    h = b.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 class Slave(NamedTuple):
@@ -299,10 +372,9 @@ def api_mount_ops(spec: ContainerSpec, console: str | None = None) -> list[Mount
     """proc, sys, dev, run, tmp and cgroup2 for a container with its own root."""
     userns = "user" in spec.namespaces
     ops: list[MountOp] = [
-        FsMount("proc", "/proc", NOSUID_NODEV_NOEXEC),
-        ReadOnly("/proc/sys"),
-        ReadOnly("/proc/sysrq-trigger", optional=True),
+        *proc_ops(),
         Sysfs(),
+        masks(),
         FsMount("tmpfs", "/dev", MS_NOSUID | MS_STRICTATIME, "mode=755,size=4m"),
     ]
     ops += [BindMount(f"/dev/{d}", f"/dev/{d}", recursive=False) for d in DEVICES]
@@ -329,6 +401,28 @@ def api_mount_ops(spec: ContainerSpec, console: str | None = None) -> list[Mount
     return ops
 
 
+# What nspawn hides in /proc: hardware tunables stay visible but read-only;
+# kernel internals and the host's secrets become empty mode-0000 nodes.
+PROC_READ_ONLY = tuple(f"/proc/{d}" for d in ("acpi", "apm", "asound", "bus", "fs", "irq", "scsi"))
+INACCESSIBLE = (
+    *(f"/proc/{f}" for f in ("kallsyms", "kcore", "keys", "sysrq-trigger", "timer_list",
+                             "sched_debug")),
+    "/sys/firmware",
+)
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
+
+
+def proc_ops() -> list[MountOp]:
+    """A /proc of the container's pid namespace, its tunables read-only."""
+    return [FsMount("proc", "/proc", NOSUID_NODEV_NOEXEC), ReadOnly("/proc/sys"),
+            *(ReadOnly(d, optional=True) for d in PROC_READ_ONLY)]
+
+
+def masks() -> Masks:
+    """After /proc and /sys are in place: the inaccessible nodes and a boot_id."""
+    return Masks(INACCESSIBLE, BOOT_ID)
+
+
 def propagation_ops(host_dir: str) -> list[MountOp]:
     return [BindMount(host_dir, "/run/host/incoming", recursive=False),
             Slave("/run/host/incoming")]
@@ -338,10 +432,12 @@ def host_root_ops(spec: ContainerSpec) -> list[MountOp]:
     """Without --chroot: the host's tree, with a /proc for the new pid namespace."""
     ops = user_mount_ops(spec.mounts)
     if "pid" in spec.namespaces:
-        ops += [FsMount("proc", "/proc", NOSUID_NODEV_NOEXEC), ReadOnly("/proc/sys")]
+        ops += proc_ops()
     if "net" in spec.namespaces:
         # /sys/class/net must show the container's interfaces, not the host's.
         ops.append(Sysfs())
+    if "pid" in spec.namespaces:
+        ops.append(masks())
     return ops
 
 

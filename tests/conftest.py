@@ -72,7 +72,8 @@ def _machinepy_processes(exclude: set[int]) -> set[str]:
                 cmdline = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
         except OSError:
             continue
-        if "machinepy" in cmdline:
+        # Other sessions' `flock …machinepy-suite.lock` waiters are not containers.
+        if "machinepy" in cmdline and not cmdline.startswith("flock "):
             found.add(f"pid {entry}: {cmdline}")
     return found
 

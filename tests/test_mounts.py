@@ -4,13 +4,18 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
 from machinepy.mounts import (
+    BOOT_ID,
+    INACCESSIBLE,
+    PROC_READ_ONLY,
     BindMount,
     FsMount,
+    Masks,
     Overlay,
     ReadOnly,
     Sysfs,
@@ -24,7 +29,7 @@ def spec(**kw: object) -> ContainerSpec:
     return ContainerSpec(command=("/bin/true",)).replace(**kw)
 
 
-def targets(plan: list[object]) -> list[str]:
+def targets(plan: Sequence[object]) -> list[str]:
     return [getattr(op, "target", getattr(op, "link", "")) for op in plan]
 
 
@@ -46,6 +51,21 @@ def test_host_root_plan_only_remounts_proc() -> None:
     assert plan[0] == BindMount("/a", "/b", read_only=True)
     assert FsMount("proc", "/proc", plan[1].flags) == plan[1]  # type: ignore[attr-defined]
     assert "/dev" not in targets(plan)
+
+
+@pytest.mark.parametrize("root", ["/r", None])
+def test_proc_and_firmware_masked_once_proc_and_sys_are_there(root: str | None) -> None:
+    plan = build_plan(spec(root=root, namespaces=frozenset({"mount", "pid", "net"})))
+    for d in PROC_READ_ONLY:
+        assert ReadOnly(d, optional=True) in plan
+    assert "/proc/kcore" in INACCESSIBLE and "/sys/firmware" in INACCESSIBLE
+    masks = plan.index(Masks(INACCESSIBLE, BOOT_ID))
+    assert masks > plan.index(Sysfs()) > targets(plan).index("/proc")
+
+
+def test_host_root_without_pid_namespace_keeps_the_hosts_proc() -> None:
+    plan = build_plan(spec(namespaces=frozenset({"mount", "uts"})))
+    assert not any(isinstance(op, (Masks, FsMount, ReadOnly)) for op in plan)
 
 
 def test_no_cgroup_mount_without_cgroupns() -> None:
