@@ -293,9 +293,12 @@ class Supervisor:
             if setup_error:
                 self._stop_console()
                 self.on_error(setup_error)
-            if self.spec.boot and res.si_code != os.CLD_EXITED:
+            if "pid" in self.spec.namespaces and res.si_code != os.CLD_EXITED:
                 # reboot(2) in a pid namespace kills its PID 1 with SIGHUP
-                # (restart) or SIGINT (power-off/halt): both are clean exits.
+                # (restart) or SIGINT (power-off/halt): both are clean exits,
+                # whatever the payload (`run` of an init, too).  No other
+                # death by these two can reach a pid namespace's init: the
+                # kernel delivers it only the signals it has handlers for.
                 if res.si_status == signal.SIGHUP and not self.stopping:
                     self.restart = True
                 if res.si_status in (signal.SIGINT, signal.SIGHUP):
@@ -461,11 +464,8 @@ class Supervisor:
         propagate = os.path.join(PROPAGATE_DIR, c.name)
         os.makedirs(propagate, exist_ok=True)
         stack.callback(self._remove_propagate, propagate)
-        # Owned by whatever outlives the other: a daemon's container outlives its
-        # supervisor, and its dir must survive the daemon's stop.
-        owner = os.getpid() if self.die_with_supervisor else c.leader
         with contextlib.suppress(OSError):
-            os.setxattr(propagate, PROPAGATE_OWNER_XATTR, _process_key(owner))
+            os.setxattr(propagate, PROPAGATE_OWNER_XATTR, _process_key(os.getpid()))
         return propagate
 
     def _own_cgroup(self, stack: contextlib.AsyncExitStack) -> None:
