@@ -319,6 +319,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("machinepy: must be run as root (or with --user-map for a user namespace)",
               file=sys.stderr)
         return 2
+    from machinepy.linux import set_process_name
+
+    set_process_name("machinepy")  # pflask's attach flow: `pidof machinepy`, then -a PID
     if not spec.detach:
         return _supervise(spec)
     # The daemon serves root only, and cannot forward READY=1 to our NOTIFY_SOCKET.

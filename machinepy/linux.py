@@ -56,6 +56,7 @@ MNT_DETACH: Final = 0x2
 
 # prctl(2)
 PR_SET_PDEATHSIG: Final = 1
+PR_SET_NAME: Final = 15
 PR_CAPBSET_READ: Final = 23
 PR_CAPBSET_DROP: Final = 24
 PR_SET_CHILD_SUBREAPER: Final = 36
@@ -193,6 +194,11 @@ def sethostname(name: str) -> None:
 def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
     args = (ctypes.c_ulong(a) for a in (arg2, arg3, arg4, arg5))
     return _check(_libc.prctl(ctypes.c_int(option), *args), "prctl")
+
+
+def set_process_name(name: str) -> None:
+    """Our comm (what `pidof NAME`, ps -C and top show): "python3" otherwise."""
+    _libc.prctl(ctypes.c_int(PR_SET_NAME), name.encode()[:15], 0, 0, 0)
 
 
 class _OpenHow(ctypes.Structure):

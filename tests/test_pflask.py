@@ -46,3 +46,24 @@ def test_sigint_without_a_pid_namespace_is_still_a_signal(busybox_root: Path) ->
     # -P: PID 1 is no namespace init; death by SIGINT means what it says.
     r = run("-P", "-r", str(busybox_root), "--", "/bin/sh", "-c", "kill -INT $$")
     assert r.returncode == 130
+
+
+@pytest.mark.root
+def test_the_supervisor_is_found_by_name(busybox_root: Path) -> None:
+    # pflask's attach flow starts with finding the process: comm is "machinepy"
+    # (pgrep, ps -C, killall), and the installed script is found by `pidof -x`.
+    script = Path(sys.executable).parent / "machinepy"
+    argv = [sys.executable, str(script)] if script.exists() else MACHINEPY
+    p = subprocess.Popen([*argv, "run", "--register=no", "-r", str(busybox_root), "--",
+                          "/bin/sh", "-c", "echo up; read x"], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout is not None and p.stdout.readline() == "up\n"
+        found = subprocess.run(["pgrep", "-x", "machinepy"], capture_output=True, text=True)
+        assert str(p.pid) in found.stdout.split()
+        if script.exists():
+            found = subprocess.run(["pidof", "-x", "machinepy"], capture_output=True, text=True)
+            assert str(p.pid) in found.stdout.split()
+    finally:
+        p.kill()
+        p.wait()
