@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from typing import NamedTuple, NoReturn
 
 from machinepy import linux
-from machinepy.mounts import O_PATH, MountOp, open_in_root, preopen, propagation_ops
+from machinepy.mounts import O_PATH, MountOp, mounts_root, open_in_root, preopen, propagation_ops
 
 SIOCGIFFLAGS = 0x8913
 SIOCSIFFLAGS = 0x8914
@@ -252,10 +252,16 @@ def _apply_plan(plan: Sequence[MountOp], root: str) -> None:
         for op in plan:
             try:
                 op.apply(root_fd)
+                if mounts_root(op) and root != "/":
+                    # The fd still names the directory under the new mount.
+                    os.close(root_fd)
+                    root_fd = -1
+                    root_fd = os.open(root, O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
             except OSError as e:
                 raise ChildError(type(op).__name__.lower(), e) from None
     finally:
-        os.close(root_fd)
+        if root_fd >= 0:
+            os.close(root_fd)
 
 
 def _open_root(root: str) -> int:

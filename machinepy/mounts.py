@@ -444,4 +444,14 @@ def host_root_ops(spec: ContainerSpec) -> list[MountOp]:
 def build_plan(spec: ContainerSpec, console: str | None = None) -> list[MountOp]:
     if spec.root is None:
         return host_root_ops(spec)
-    return api_mount_ops(spec, console) + user_mount_ops(spec.mounts)
+    # A mount on / (an overlay of the whole root, say) goes first: made after
+    # them, it would hide /proc, /sys and /dev; the other user mounts go last,
+    # so they can land on the API filesystems (a bind over /etc/resolv.conf).
+    on_root = [m for m in spec.mounts if m.dest == "/"]
+    rest = [m for m in spec.mounts if m.dest != "/"]
+    return user_mount_ops(on_root) + api_mount_ops(spec, console) + user_mount_ops(rest)
+
+
+def mounts_root(op: MountOp) -> bool:
+    """Whether OP mounts over the root itself (after it, the root fd is stale)."""
+    return getattr(op, "target", None) == "/"

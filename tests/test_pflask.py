@@ -67,3 +67,17 @@ def test_the_supervisor_is_found_by_name(busybox_root: Path) -> None:
     finally:
         p.kill()
         p.wait()
+
+
+@pytest.mark.root
+def test_overlay_on_the_root_keeps_the_api_filesystems(busybox_root: Path,
+                                                      tmp_path: Path) -> None:
+    upper, work = tmp_path / "upper", tmp_path / "work"
+    upper.mkdir()
+    work.mkdir()
+    r = run("-r", str(busybox_root), "-m", f"overlay:{upper}:/:{work}", "--", "/bin/sh", "-c",
+            "test -e /proc/self/status && test -e /dev/null && ls /sys | grep -q kernel "
+            "&& echo made > /newfile && echo ok")
+    assert (r.returncode, r.stdout) == (0, "ok\n"), r.stderr
+    assert (upper / "newfile").read_text() == "made\n"  # writes went to UPPER
+    assert not (busybox_root / "newfile").exists()
