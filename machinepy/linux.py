@@ -57,9 +57,11 @@ MNT_DETACH: Final = 0x2
 # prctl(2)
 PR_SET_PDEATHSIG: Final = 1
 PR_SET_NAME: Final = 15
+PR_SET_SECCOMP: Final = 22
 PR_CAPBSET_READ: Final = 23
 PR_CAPBSET_DROP: Final = 24
 PR_SET_CHILD_SUBREAPER: Final = 36
+PR_SET_NO_NEW_PRIVS: Final = 38
 PR_CAP_AMBIENT: Final = 47
 PR_CAP_AMBIENT_CLEAR_ALL: Final = 4
 
@@ -76,6 +78,16 @@ SYS_PIVOT_ROOT_BY_MACHINE: Final = {
     "s390x": 217,
 }
 SYS_pivot_root: Final = SYS_PIVOT_ROOT_BY_MACHINE.get(os.uname().machine, -1)
+
+# seccomp(2): a late arrival too, numbered per architecture; prctl is the fallback.
+SYS_SECCOMP_BY_MACHINE: Final = {
+    "x86_64": 317, "i386": 354, "i686": 354, "aarch64": 277, "riscv64": 277,
+    "loongarch64": 277, "armv7l": 383, "armv6l": 383, "ppc64le": 358, "ppc64": 358,
+    "s390x": 348,
+}
+SYS_seccomp: Final = SYS_SECCOMP_BY_MACHINE.get(os.uname().machine, -1)
+SECCOMP_SET_MODE_FILTER: Final = 1
+SECCOMP_MODE_FILTER: Final = 2
 
 # The new mount API (same numbers on every architecture since 5.1)
 SYS_open_tree: Final = 428
@@ -199,6 +211,28 @@ def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 
 def set_process_name(name: str) -> None:
     """Our comm (what `pidof NAME`, ps -C and top show): "python3" otherwise."""
     _libc.prctl(ctypes.c_int(PR_SET_NAME), name.encode()[:15], 0, 0, 0)
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = (("len", ctypes.c_ushort), ("filter", ctypes.c_void_p))
+
+
+def seccomp_load(program: bytes) -> None:
+    """Install a classic-BPF seccomp PROGRAM (struct sock_filter[]) on this thread.
+
+    Needs CAP_SYS_ADMIN in our user namespace, or no_new_privs set first.
+    """
+    if not program or len(program) % 8:
+        raise OSError(errno.EINVAL, "seccomp: program is not whole BPF instructions")
+    buf = ctypes.create_string_buffer(program, len(program))
+    prog = _SockFprog(len(program) // 8, ctypes.addressof(buf))
+    if SYS_seccomp >= 0:
+        rc = _libc.syscall(ctypes.c_long(SYS_seccomp), ctypes.c_uint(SECCOMP_SET_MODE_FILTER),
+                           ctypes.c_uint(0), ctypes.byref(prog))
+    else:
+        rc = _libc.prctl(ctypes.c_int(PR_SET_SECCOMP), ctypes.c_ulong(SECCOMP_MODE_FILTER),
+                         ctypes.byref(prog), ctypes.c_ulong(0), ctypes.c_ulong(0))
+    _check(rc, "seccomp")
 
 
 class _OpenHow(ctypes.Structure):
