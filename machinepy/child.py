@@ -74,6 +74,8 @@ class ChildConfig(NamedTuple):
     keep_fds: Sequence[int] = ()
     notify: int | None = None  # datagram socket bound at /run/host/notify inside
     supervisor: int = 0  # pid whose death kills the container (0: outlive it, for the daemon)
+    seccomp: Sequence[bytes] = ()  # BPF programs compiled by the parent (seccomp.py)
+    no_new_privs: bool = False
 
 
 class ChildError(Exception):
@@ -179,6 +181,13 @@ def container_init(cfg: ChildConfig, status_w: int, go_r: int) -> NoReturn:
         if cfg.landlock_scope:
             # While still privileged: restrict_self needs CAP_SYS_ADMIN or no_new_privs.
             _step("landlock", linux.landlock_scope, cfg.landlock_scope)
+        if cfg.no_new_privs:
+            _step("set no_new_privs", linux.prctl, linux.PR_SET_NO_NEW_PRIVS, 1)
+        # After the mounts, pivot_root, the bounding set and Landlock (calls the
+        # filter denies); before the uid switch, while CAP_SYS_ADMIN in our namespace
+        # still lets us load it without no_new_privs.
+        for program in cfg.seccomp:
+            _step("load seccomp filter", linux.seccomp_load, program)
         _become_user(cfg)
         _die_with_supervisor(cfg.supervisor, status_w)
         _chdir(cfg)

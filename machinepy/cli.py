@@ -104,6 +104,11 @@ def _container_options(p: argparse.ArgumentParser, *, boot: bool) -> None:
                    "(shift the tree's owners once), auto (map where the filesystem allows)")
     p.add_argument("-b", "--caps", action="append", default=[], metavar="[+-]CAP,...",
                    help="adjust the capability bounding set")
+    p.add_argument("--system-call-filter", action="append", default=[], metavar="[~]NAMES",
+                   help="allow (or with ~, deny) more system calls: names and @groups, "
+                   "space-separated, as systemd-nspawn's")
+    p.add_argument("--no-new-privileges", type=_bool, nargs="?", const=True, default=False,
+                   metavar="yes|no", help="set no_new_privs: setuid binaries gain nothing")
     p.add_argument("-g", "--cgroup", action="append", default=[], metavar="CONTROLLER",
                    help="enable accounting for CONTROLLER on the machine's scope")
     p.add_argument("--property", "-p", action="append", default=[], metavar="NAME=VALUE",
@@ -184,6 +189,12 @@ def spec_from_args(args: argparse.Namespace) -> ContainerSpec:
         caps = parse_caps(args.caps)
     else:
         caps = ()
+    if args.system_call_filter:
+        from machinepy.seccomp import parse_filter
+
+        syscalls = parse_filter(args.system_call_filter)
+    else:
+        syscalls = ()
     return ContainerSpec(
         command=command,
         root=root,
@@ -209,6 +220,8 @@ def spec_from_args(args: argparse.Namespace) -> ContainerSpec:
         private_users=args.private_users == "pick",
         ownership=args.private_users_ownership,
         landlock_scope=parse_landlock_scope(args.landlock_scope),
+        system_call_filter=syscalls,
+        no_new_privileges=args.no_new_privileges,
     )
 
 

@@ -126,6 +126,8 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Variant]:
     put("Caps", "as", args.caps)
     if args.landlock_scope != "none":
         put("LandlockScope", "s", args.landlock_scope)
+    put("SystemCallFilter", "as", args.system_call_filter)
+    put("NoNewPrivileges", "b", args.no_new_privileges)
     put("Cgroups", "as", args.cgroup)
     put("Properties", "as", args.property)
     put("NoNamespaces", "as", [ns for ns in ("user", "mount", "net", "ipc", "uts", "pid")

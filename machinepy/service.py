@@ -160,6 +160,8 @@ OPTIONS = {
     "PrivateUsersOwnership": Option("s", "private_users_ownership"),  # auto, map, chown
     "Caps": Option("as", "caps"),
     "LandlockScope": Option("s", "landlock_scope"),  # as --landlock-scope
+    "SystemCallFilter": Option("as", "system_call_filter"),  # as --system-call-filter
+    "NoNewPrivileges": Option("b", "no_new_privileges"),
     "Cgroups": Option("as", "cgroup"),
     "Properties": Option("as", "property"),
     "Register": Option("b", "register"),

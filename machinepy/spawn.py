@@ -10,7 +10,7 @@ import sys
 from collections.abc import Mapping
 
 from machinepy import linux, mounts
-from machinepy.caps import bounding_drop
+from machinepy.caps import bounding_drop, retained
 from machinepy.child import NOTIFY_SOCKET, ChildConfig, setup_child
 from machinepy.spec import ContainerSpec, Passwd, lookup_user, supplementary_groups
 
@@ -61,6 +61,14 @@ def child_config(spec: ContainerSpec, *, console: int | None = None,
     if notify is not None:
         env["NOTIFY_SOCKET"] = NOTIFY_SOCKET
     user = spec.user is not None and pw is not None
+    private_network = "net" in spec.namespaces
+    from machinepy import seccomp  # the compiled filter comes from its cache, mostly
+
+    try:
+        programs = seccomp.programs_for(spec.system_call_filter,
+                                        retained(spec.caps, private_network=private_network))
+    except seccomp.BuildError as e:
+        raise SpawnError(str(e)) from None
     return ChildConfig(
         unshare_flags=unshare_flags(spec),
         argv=argv,
@@ -78,8 +86,10 @@ def child_config(spec: ContainerSpec, *, console: int | None = None,
         cgroupns="cgroup" in spec.namespaces,
         console=console,
         supervisor=os.getpid() if die_with_supervisor else 0,
-        caps_drop=bounding_drop(spec.caps, private_network="net" in spec.namespaces),
+        caps_drop=bounding_drop(spec.caps, private_network=private_network),
         landlock_scope=landlock_bits(spec.landlock_scope),
+        seccomp=programs,
+        no_new_privs=spec.no_new_privileges,
     )
 
 

@@ -316,6 +316,9 @@ class ContainerSpec(NamedTuple):
     # container cut off from the host's abstract sockets, and from signalling
     # anything outside it.
     landlock_scope: tuple[str, ...] = ()
+    # --system-call-filter items (seccomp.parse_filter): NAME or @GROUP to allow, ~ to deny
+    system_call_filter: tuple[str, ...] = ()
+    no_new_privileges: bool = False
 
     def replace(self, **changes: Any) -> ContainerSpec:
         return self._replace(**changes)

@@ -250,15 +250,15 @@ class Supervisor:
                     self.on_error(f"idmapped mount of {self.spec.root}: {e.strerror}")
                     return 1
                 stack.callback(os.close, root_tree)
-            cfg = child_config(
-                self.spec,
-                console=pty.slave if pty else None,
-                console_path=pty.slave_path if pty and self.spec.root else None,
-                notify=notify,
-                die_with_supervisor=self.die_with_supervisor,
-                root_tree=root_tree,
-            )
             try:
+                cfg = child_config(
+                    self.spec,
+                    console=pty.slave if pty else None,
+                    console_path=pty.slave_path if pty and self.spec.root else None,
+                    notify=notify,
+                    die_with_supervisor=self.die_with_supervisor,
+                    root_tree=root_tree,
+                )
                 self.child = child = spawn(cfg)
             except SpawnError as e:
                 self.on_error(str(e))
