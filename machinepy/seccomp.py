@@ -4,7 +4,8 @@
 What the container may call is nspawn's list (src/nspawn/nspawn-seccomp.c):
 the groups in DEFAULT_GROUPS, the calls in DEFAULT_CALLS, and the groups and
 calls in CAP_GROUPS / CAP_CALLS whose capability stays in the bounding set.
-Every other call systemd knows (@known) fails with EPERM, which programs
+Every other call systemd knows (@known: the keyring calls, bpf,
+open_by_handle_at, perf_event_open, swapon/swapoff, …) fails with EPERM, which programs
 take as "not allowed"; a call newer than that list (or any number above it)
 fails with ENOSYS, which libc takes as "not implemented" and falls back from.
 Beyond nspawn: userfaultfd is denied, and so are ioctl(TIOCSTI) (typing into
@@ -19,13 +20,23 @@ released in 2021) would be one more dependency to install for no code saved;
 and libseccomp2 is on every Debian system already (the -dev package is not
 needed at run time).  The filter is compiled in the parent, before fork, and
 exported as BPF; the child loads those bytes with seccomp(2) (linux.py), so
-child.py stays plain syscalls.  One program per architecture (native and
-compat: x86_64, x86 and x32 on x86-64), as nspawn does: each of the three
-holds ~500 rules, and together they would not fit the kernel's 4096
-instructions.  Each lets other architectures' calls through to the others.
+child.py stays plain syscalls.
 
-Compiling costs ~10 ms, more than a whole `run -- /bin/true` is worth: the
-programs are cached (CACHE_DIRS), keyed by everything that shapes them.
+The programs, stacked (the kernel takes the strictest answer): one allow-list
+per ABI of the host (native and compat: x86_64, x86 and x32 on x86-64), as
+nspawn builds them, each passing the other ABIs' calls through; then one
+program of the rules that look at arguments (ioctl, socket), because
+libseccomp drops a call's argument rules once the call is allowed outright.
+That last one also kills calls of an ABI none of them knows.
+
+Compiling costs ~12 ms here, far over a start's budget: the programs are
+cached (cache_dir(): root's under /var/cache, not /run/machinepy, which holds
+only live containers' state), keyed by everything that shapes them; a cache
+hit neither loads libseccomp nor reads the group table.
+
+Known gap: on x86 (32-bit), libseccomp turns the audit-socket rule into one on
+socketcall(SYS_SOCKET) whose third argument it cannot see; a socketcall with
+that register 9 gets EAFNOSUPPORT.  Current libcs call socket(2) directly.
 """
 
 from __future__ import annotations
@@ -58,8 +69,9 @@ DEFAULT_CALLS = (
     "oldolduname", "olduname", "personality", "readahead", "readdir", "remap_file_pages",
     "sched_get_priority_max", "sched_get_priority_min", "sched_getaffinity", "sched_getattr",
     "sched_getparam", "sched_getscheduler", "sched_rr_get_interval",
-    "sched_rr_get_interval_time64", "sched_yield", "seccomp", "sendfile", "sendfile64", "setdomainname",
-    "setfsgid", "setfsgid32", "setfsuid", "setfsuid32", "sethostname", "setpgid", "setsid",
+    "sched_rr_get_interval_time64", "sched_yield", "seccomp", "sendfile", "sendfile64",
+    "setdomainname", "setfsgid", "setfsgid32", "setfsuid", "setfsuid32", "sethostname",
+    "setpgid", "setsid",
     "splice", "sysinfo", "tee", "umask", "uname", "vmsplice",
 )
 # Allowed only while the matching capability stays in the bounding set.
