@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import pwd
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from machinepy.caps import DEFAULT_RETAIN, retained
 from machinepy.cli import main as cli_main
 from machinepy.spec import SpecError
 from tests.security.conftest import assert_blocked, run_in, run_probe
+from tests.test_userns import as_user, unprivileged_user  # noqa: F401 - a fixture
 
 # ---------------------------------------------------------------------------
 # The filter's contents (no root needed)
@@ -237,3 +239,18 @@ def test_ordinary_programs_still_work(mode: tuple[str, ...], busybox_root: Path)
     r = run_in(busybox_root, "/bin/sh", "-c", script, opts=("-m", "tmp:/scratch", *mode))
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["hi", "0"]
+
+
+@pytest.mark.root
+def test_unprivileged_user_gets_the_filter(unprivileged_user: pwd.struct_passwd,  # noqa: F811
+                                           busybox_root: Path,
+                                           probe: Callable[[str], Path]) -> None:
+    uid = unprivileged_user.pw_uid
+    base = ("-e", f"0:{uid}:1", "-r", str(busybox_root))
+    r = as_user(unprivileged_user, *base, "--", "/bin/grep", "Seccomp:", "/proc/self/status")
+    assert r.returncode == 0 and r.stdout.split() == ["Seccomp:", "2"], r.stdout + r.stderr
+    # Without the filter keyctl reaches the user's own keyrings: this can fail.
+    for name in ("keyctl", "audit", "unknown"):
+        r = as_user(unprivileged_user, *base, "-m", f"bind-ro:{probe(name)}:/probe", "--",
+                    "/probe")
+        assert_blocked(r)
