@@ -183,6 +183,13 @@ def test_attack_is_blocked(name: str, mode: tuple[str, ...], busybox_root: Path,
 
 
 @pytest.mark.root
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="the ia32 ABI of x86-64")
+def test_attacks_through_the_compat_abi_are_blocked(mode: tuple[str, ...], busybox_root: Path,
+                                                    probe: Callable[[str], Path]) -> None:
+    assert_blocked(run_probe(busybox_root, probe("compat"), opts=mode))
+
+
+@pytest.mark.root
 def test_swapoff_is_blocked(mode: tuple[str, ...], busybox_root: Path,
                             probe: Callable[[str], Path]) -> None:
     r = run_probe(busybox_root, probe("swapoff"), "/scratch/swapfile",
