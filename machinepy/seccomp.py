@@ -46,6 +46,7 @@ import ctypes
 import errno
 import os
 import struct
+import sys
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
@@ -100,8 +101,10 @@ ARCHES = {
     "mips64": ("mips64", "mips64n32", "mips"), "mips": ("mips",),
 }
 
-LIB_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64",
-            "/usr/lib", "/lib64", "/lib")
+# Where the dynamic loader finds libseccomp: Debian's multiarch directory first.
+_MULTIARCH = getattr(sys.implementation, "_multiarch", "")
+LIB_DIRS = (*((f"/usr/lib/{_MULTIARCH}", f"/lib/{_MULTIARCH}") if _MULTIARCH else ()),
+            "/usr/lib64", "/usr/lib", "/lib64", "/lib")
 LIB_NAME = "libseccomp.so.2"
 
 
