@@ -109,7 +109,7 @@ LIB_NAME = "libseccomp.so.2"
 
 
 class Filter(NamedTuple):
-    """What to build: the allowed names (after ~ and capabilities), and the machine."""
+    """What to build: the names allowed (after ~ and capabilities), and those denied."""
 
     allow: frozenset[str]
     deny: frozenset[str]  # known to systemd but not allowed: EPERM
@@ -128,7 +128,7 @@ def _groups() -> dict[str, tuple[str, ...]]:
 def parse_filter(specs: Iterable[str]) -> tuple[str, ...]:
     """`[~]NAME @GROUP …` options → validated items, each NAME or ~NAME, in order."""
     groups = _groups()
-    known = set(expand(("@known",), groups))
+    known = expand(groups, groups)  # @known, and the few names only a group lists
     out: list[str] = []
     for spec in specs:
         deny = spec.startswith("~")
