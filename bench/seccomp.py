@@ -69,8 +69,10 @@ def parts(runs: int) -> None:
     # On top of what every run imports anyway (the spec, the syscall wrappers).
     code = ("import time, machinepy.spec, machinepy.linux; t = time.perf_counter(); "
             "import machinepy.seccomp; print((time.perf_counter() - t) * 1e3)")
+    # cwd "/": `python -c` puts its cwd first on sys.path, and a checkout there
+    # would be imported (and compiled, with no bytecode) instead of the install.
     imports = [float(subprocess.run([py, "-c", code], capture_output=True, text=True,
-                                    check=True).stdout) for _ in range(runs)]
+                                    check=True, cwd="/").stdout) for _ in range(runs)]
     from machinepy import linux, seccomp
     from machinepy.caps import DEFAULT_RETAIN
 
