@@ -462,7 +462,10 @@ def programs_for(items: Sequence[str], retained: Iterable[str], *,
     """The compiled filter for this container: from the cache, or built (and cached)."""
     machine = os.uname().machine
     retained = frozenset(retained)
-    key = cache_key(items, retained, machine) if use_cache else None
+    key = None
+    if use_cache:
+        with contextlib.suppress(OSError):  # a file to stamp is missing: build
+            key = cache_key(items, retained, machine)
     directory = cache_dir() if key is not None else None
     path = os.path.join(directory, _file_name(key)) if directory and key else None
     if path is not None and key is not None:
