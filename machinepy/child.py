@@ -68,6 +68,9 @@ class ChildConfig(NamedTuple):
     gid: int | None = None
     groups: Sequence[int] = ()
     cgroupns: bool = True  # unshared after "go", once the leader sits in its scope
+    # Whether the user namespace has a root: a user's `--user=$USER` container
+    # without subordinate ids maps only the user, and PID 1 stays that id.
+    root_mapped: bool = True
     console: int | None = None  # pty slave fd: becomes the controlling tty and 0-2
     caps_drop: Sequence[int] = ()
     landlock_scope: int = 0  # LANDLOCK_SCOPE_* bits; 0: no Landlock domain
@@ -156,7 +159,7 @@ def container_init(cfg: ChildConfig, status_w: int, go_r: int) -> NoReturn:
         host_fds += [fd for fd in (host_root, cfg.root_tree) if fd is not None and fd >= 0]
         if cfg.unshare_flags & linux.CLONE_NEWUSER:
             # Our host uid is unmapped in the new namespace until we become its root.
-            _step("become root in the user namespace", _become_ns_root)
+            _step("become root in the user namespace", _become_ns_root, cfg.root_mapped)
         else:
             # The container's root is the host's root: not the caller's groups, too.
             _step("drop supplementary groups", os.setgroups, [])
@@ -206,8 +209,9 @@ def _step(what: str, fn: object, *args: object) -> None:
         raise ChildError(what, e) from None
 
 
-def _become_ns_root() -> None:
-    os.setresgid(0, 0, 0)
+def _become_ns_root(root_mapped: bool) -> None:
+    if root_mapped:
+        os.setresgid(0, 0, 0)
     try:
         os.setgroups([])
     except PermissionError:
@@ -216,7 +220,8 @@ def _become_ns_root() -> None:
         with open("/proc/self/setgroups", "rb") as f:
             if f.read().strip() != b"deny":
                 raise
-    os.setresuid(0, 0, 0)
+    if root_mapped:
+        os.setresuid(0, 0, 0)
 
 
 def _join_session_keyring() -> None:

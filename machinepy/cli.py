@@ -225,6 +225,18 @@ def spec_from_args(args: argparse.Namespace) -> ContainerSpec:
     )
 
 
+def with_caller_maps(spec: ContainerSpec) -> ContainerSpec:
+    """Without root and without --user-map: a user namespace in which the caller
+    is root — or, with --user, that user — as pflask and `unshare -r` do."""
+    from machinepy.spec import lookup_user
+    from machinepy.subids import caller_maps
+
+    pw = lookup_user(spec.user, spec.root) if spec.user is not None else None
+    uids, gids = caller_maps(pw.uid if pw else 0, pw.gid if pw else 0)
+    return spec.replace(user_maps=uids, group_maps=gids,
+                        namespaces=spec.namespaces | {"user"})
+
+
 def _needs_asyncio(spec: ContainerSpec) -> bool:
     """D-Bus (dbus-fast) and netlink (pyroute2) need asyncio; nothing else does."""
     if spec.netifs or spec.addresses or spec.routes:
@@ -320,17 +332,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             from machinepy.attach import attach
 
             return attach(args.attach)
-        spec = validate(spec_from_args(args))
+        spec = spec_from_args(args)
+        if os.geteuid() != 0 and not spec.user_maps and not spec.private_users:
+            if args.no_user:
+                raise UsageError("without root a container needs a user namespace: "
+                                 "drop --no-userns")
+            spec = with_caller_maps(spec)
+        spec = validate(spec)
     except (UsageError, SpecError) as e:
         print(f"machinepy: {e}", file=sys.stderr)
         return 2
     if os.geteuid() != 0 and spec.private_users:
         print("machinepy: --private-users=pick must be run as root (it shifts the tree's "
               "owners)", file=sys.stderr)
-        return 2
-    if os.geteuid() != 0 and "user" not in spec.namespaces:
-        print("machinepy: must be run as root (or with --user-map for a user namespace)",
-              file=sys.stderr)
         return 2
     from machinepy.linux import set_process_name
 

@@ -7,12 +7,12 @@ import contextlib
 import os
 import signal
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from machinepy import linux, mounts
 from machinepy.caps import bounding_drop, retained
 from machinepy.child import NOTIFY_SOCKET, ChildConfig, setup_child
-from machinepy.spec import ContainerSpec, Passwd, lookup_user, supplementary_groups
+from machinepy.spec import ContainerSpec, IdMap, Passwd, lookup_user, supplementary_groups
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -84,6 +84,8 @@ def child_config(spec: ContainerSpec, *, console: int | None = None,
         gid=pw.gid if user and pw else None,
         groups=supplementary_groups(pw, spec.root) if user and pw else (),
         cgroupns="cgroup" in spec.namespaces,
+        root_mapped=_maps_root(spec.user_maps) and _maps_root(
+            spec.group_maps if spec.group_maps is not None else spec.user_maps),
         console=console,
         supervisor=os.getpid() if die_with_supervisor else 0,
         caps_drop=bounding_drop(spec.caps, private_network=private_network),
@@ -97,6 +99,10 @@ def landlock_bits(scopes: tuple[str, ...]) -> int:
     bits = {"abstract-unix-socket": linux.LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET,
             "signal": linux.LANDLOCK_SCOPE_SIGNAL}
     return sum(bits[s] for s in scopes)
+
+
+def _maps_root(maps: Sequence[IdMap]) -> bool:
+    return any(m.inside == 0 for m in maps)
 
 
 class SpawnError(Exception):
@@ -185,28 +191,42 @@ def write_id_maps(leader: int, spec: ContainerSpec) -> None:
     """uid/gid maps of the container's user namespace.
 
     Root writes /proc/PID/{u,g}id_map itself (newuidmap would refuse ranges not
-    in /etc/subuid — pflask's bug); other users go through the setuid helpers,
-    which check /etc/subuid and /etc/subgid.
+    in /etc/subuid — pflask's bug).  Another user writes a map of its own id
+    alone itself too (the kernel allows that, gid_map after setgroups "deny"),
+    and anything wider through the setuid helpers, which check /etc/subuid
+    and /etc/subgid.
     """
     if "user" not in spec.namespaces:
         return
-    if os.geteuid() != 0:
-        import subprocess
+    gid_maps = spec.group_maps if spec.group_maps is not None else spec.user_maps
+    root = os.geteuid() == 0
+    for name, maps, own, tool in (("uid_map", spec.user_maps, os.geteuid(), "newuidmap"),
+                                  ("gid_map", gid_maps, os.getegid(), "newgidmap")):
+        if root or (len(maps) == 1 and maps[0].outside == own and maps[0].count == 1):
+            if not root and name == "gid_map":
+                _write_proc(leader, "setgroups", "deny")
+            _write_proc(leader, name, "".join(f"{m.inside} {m.outside} {m.count}\n"
+                                              for m in maps))
+        else:
+            _map_with_helper(tool, leader, maps)
 
-        args = [str(n) for m in spec.user_maps for n in (m.inside, m.outside, m.count)]
-        for tool in ("newuidmap", "newgidmap"):
-            try:
-                r = subprocess.run([tool, str(leader), *args], capture_output=True, text=True)
-            except FileNotFoundError:
-                raise SpawnError(f"{tool} not found (install the uidmap package)") from None
-            if r.returncode != 0:
-                msg = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "failed"
-                raise SpawnError(f"{tool}: {msg}")
-        return
-    text = "".join(f"{m.inside} {m.outside} {m.count}\n" for m in spec.user_maps)
-    for name in ("uid_map", "gid_map"):
-        try:
-            with open(f"/proc/{leader}/{name}", "w") as f:
-                f.write(text)
-        except OSError as e:
-            raise SpawnError(f"write /proc/{leader}/{name}: {e.strerror}") from None
+
+def _write_proc(leader: int, name: str, text: str) -> None:
+    try:
+        with open(f"/proc/{leader}/{name}", "w") as f:
+            f.write(text)
+    except OSError as e:
+        raise SpawnError(f"write /proc/{leader}/{name}: {e.strerror}") from None
+
+
+def _map_with_helper(tool: str, leader: int, maps: Sequence[IdMap]) -> None:
+    import subprocess
+
+    args = [str(n) for m in maps for n in (m.inside, m.outside, m.count)]
+    try:
+        r = subprocess.run([tool, str(leader), *args], capture_output=True, text=True)
+    except FileNotFoundError:
+        raise SpawnError(f"{tool} not found (install the uidmap package)") from None
+    if r.returncode != 0:
+        msg = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "failed"
+        raise SpawnError(f"{tool}: {msg}")

@@ -302,6 +302,9 @@ class ContainerSpec(NamedTuple):
     addresses: tuple[NetifAddress, ...] = ()
     routes: tuple[NetifRoute, ...] = ()
     user_maps: tuple[IdMap, ...] = ()
+    # gid_map's ranges when they differ from uid_map's (a user's own group and
+    # its /etc/subgid range); None: the same as user_maps.
+    group_maps: tuple[IdMap, ...] | None = None
     caps: tuple[str, ...] = ()
     machine: str | None = None  # None: pflask-<leader pid>
     register: bool = True

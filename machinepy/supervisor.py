@@ -455,6 +455,13 @@ class Supervisor:
                 properties=self.spec.properties, boot=self.spec.boot,
                 on_request_stop=self.terminate)
         except machined.RegistrationError as e:
+            if os.geteuid() != 0:
+                # Without root, systemd and machined refuse unless polkit lets us:
+                # a user's container runs unregistered (and without --property).
+                props = " (its --property settings are not applied)" if \
+                    self.spec.properties else ""
+                warn(f"not registering machine '{c.name}' with systemd-machined: {e}{props}")
+                return None
             raise SpawnError(f"registering machine '{c.name}': {e}") from None
         stack.push_async_callback(self._unregister, reg)
         c.registered = True
