@@ -610,15 +610,22 @@ class Service:
             MANAGER_PATH.startswith(path.rstrip("/") + "/") or path == "/"
 
     def _on_message(self, msg: Message) -> bool:
+        # Every handler sees each message first.  Fds that arrive with a call or
+        # a signal are ours now (received into this process): nothing takes one
+        # over, so each is closed once its message is handled, on every path;
+        # else any peer could fill our fd table.  Replies keep theirs: the
+        # caller awaiting one owns them.
         if msg.message_type == MessageType.SIGNAL:
+            close_received_fds(msg)
             if msg.member == "NameOwnerChanged" and msg.sender == DBUS and \
                     msg.signature == "sss" and not msg.body[2]:
                 self._peer_gone(msg.body[0])
             return False
-        if msg.message_type != MessageType.METHOD_CALL or not self._ours(msg.path or ""):
+        if msg.message_type != MessageType.METHOD_CALL:
             return False
-        if msg.interface == "org.freedesktop.DBus.Peer":
-            return False  # dbus-fast answers Ping and GetMachineId
+        if not self._ours(msg.path or "") or msg.interface == "org.freedesktop.DBus.Peer":
+            close_received_fds(msg)  # dbus-fast answers Ping, GetMachineId, UnknownObject
+            return False
         task = asyncio.ensure_future(self._dispatch(msg))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
@@ -633,6 +640,8 @@ class Service:
             log.exception("%s.%s failed", msg.interface, msg.member)
             reply = Message.new_error(msg, f"{DBUS}.Error.Failed",
                                       f"internal error: {type(e).__name__}: {e}")
+        finally:
+            close_received_fds(msg)
         # Replies own their fds (dups): closed once written, whatever happens meanwhile.
         fds = list(reply.unix_fds)
 
@@ -749,6 +758,14 @@ class Service:
             children = [rest.split("/", 1)[0]]
         node.nodes = [intr.Node(c, is_root=False) for c in children]
         return node.tostring()
+
+
+def close_received_fds(msg: Message) -> None:
+    fds = msg.unix_fds
+    msg.unix_fds = []
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def kill_namespace(leader: int, sig: int) -> None:
