@@ -116,14 +116,26 @@ class StateDir:
         return self.path / f"{name}.json"
 
     def write(self, entry: Entry) -> None:
+        """Atomically; OSError (ENOSPC: /run full) leaves no temp file behind."""
         try:
             record = Record.of(entry)
         except OSError:
             return  # the leader is already gone
         self.path.mkdir(mode=0o755, parents=True, exist_ok=True)
         tmp = self.path / f".{entry.name}.tmp"
-        tmp.write_text(json.dumps(record._asdict()))
-        tmp.replace(self.file(entry.name))
+        try:
+            tmp.write_text(json.dumps(record._asdict()))
+            tmp.replace(self.file(entry.name))
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self.path.rmdir()  # only when empty
+            raise
+
+    def sweep(self) -> None:
+        """Temp files of a daemon killed mid-write."""
+        for tmp in self.path.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
 
     def remove(self, name: str) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -218,6 +230,7 @@ class Daemon:
 
     def adopt_survivors(self, service: Service) -> int:
         adopted = 0
+        self.state.sweep()
         for rec in self.state.records():
             entry = self._adopt(rec)
             if entry is None:

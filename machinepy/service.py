@@ -424,9 +424,20 @@ class Service:
                 log.warning("container %s: %s", name, msg)
 
         def on_started(c: Container) -> None:
+            try:
+                self._running(entry)
+            except OSError as e:
+                # No state file (/run full?): no restart safety.  Answer what
+                # happens, which is that the container is stopped again.
+                msg = f"container '{name}': saving its state: {e.strerror or e}"
+                if started.done():
+                    log.warning("%s", msg)  # a reboot in place: keep it running
+                    return
+                started.set_exception(ServiceError("Failed", msg))
+                sup.terminate()
+                return
             if not started.done():
                 started.set_result(None)
-            self._running(entry)
 
         sup = Supervisor(spec, console="service", die_with_supervisor=False,
                          handle_signals=False, stop_timeout=self.stop_timeout,
@@ -453,7 +464,10 @@ class Service:
         assert entry.container is not None
         entry.container.on_state = lambda c: self._changed(entry)
         self._add(entry)
-        self._running(entry)
+        try:
+            self._running(entry)
+        except OSError as e:  # its state file is there already, from the last daemon
+            log.warning("container %s: saving its state: %s", entry.name, e)
         self._watch(entry, run)
 
     def _add(self, entry: Entry) -> None:
@@ -467,12 +481,14 @@ class Service:
         return task
 
     def _running(self, entry: Entry) -> None:
+        # Persist first (OSError goes to the caller): nobody hears of a
+        # container whose state file could not be written.
+        self.hooks.running(entry)
         if not entry.announced:
             entry.announced = True
             entry.sent = entry.properties()
             self._signal(MANAGER_PATH, MANAGER_IFACE, "ContainerNew", "so",
                          [entry.name, entry.path])
-        self.hooks.running(entry)
 
     def _exited(self, entry: Entry, task: asyncio.Task[int]) -> None:
         self.tasks.discard(task)
@@ -516,7 +532,10 @@ class Service:
             self._signal(entry.path, PROPERTIES, "PropertiesChanged", "sa{sv}as",
                          [CONTAINER_IFACE, changed, []])
         if "Leader" in changed and entry.state == "running":
-            self.hooks.running(entry)  # a reboot in place: new leader
+            try:
+                self.hooks.running(entry)  # a reboot in place: new leader
+            except OSError as e:
+                log.warning("container %s: saving its state: %s", entry.name, e)
 
     def get(self, name: str) -> Entry:
         entry = self.entries.get(name)

@@ -553,6 +553,56 @@ def test_daemon_restart_adopts_running_containers(bus_address: str, tmp_path: Pa
             gone(leader)
 
 
+def _sleepers(arg: str) -> list[int]:
+    """Processes running `sleep ARG` in a pid namespace other than ours."""
+    mine = os.readlink("/proc/self/ns/pid")
+    found = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit() and _cmdline(p) == [b"/bin/sleep", arg.encode(), b""]:
+            with contextlib.suppress(OSError):
+                if os.readlink(p / "ns/pid") != mine:
+                    found.append(int(p.name))
+    return found
+
+
+@pytest.mark.root
+def test_create_fails_when_the_state_file_cannot_be_written(bus_address: str,
+                                                            tmp_path: Path) -> None:
+    # /run full: the reply must say Failed (the container is not restart-safe,
+    # so it is stopped), and no temp file may stay, now or after a restart.
+    state = tmp_path / "state"
+    state.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4k,mode=0755", "mpy-full", str(state)],
+                   check=True)
+    daemon = None
+    try:
+        (state / ".killed-mid-write.tmp").write_text("{")  # an earlier daemon's
+        daemon = start_daemon(bus_address, state)
+        assert os.listdir(state) == []  # swept at start
+        with contextlib.suppress(OSError), open(state / "filler", "wb", buffering=0) as f:
+            while True:
+                f.write(b"\0" * 1024)
+        r = busctl(bus_address, "call", BUS_NAME, MANAGER_PATH, MANAGER_IFACE,
+                   "CreateContainer", "ssasa{sv}", "full", "/", "2", "/bin/sleep", "4242",
+                   "1", "Register", "b", "false")
+        assert r.returncode != 0, r.stdout
+        assert "saving its state" in r.stderr and "No space left" in r.stderr, r.stderr
+        assert os.listdir(state) == ["filler"]
+        r = busctl(bus_address, "call", BUS_NAME, MANAGER_PATH, MANAGER_IFACE, "ListContainers")
+        assert r.stdout.split() == ["a(ssuo)", "0"], r.stdout
+        deadline = time.monotonic() + TIMEOUT
+        while _sleepers("4242") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _sleepers("4242") == []
+    finally:
+        if daemon is not None:
+            daemon.terminate()
+            daemon.wait(TIMEOUT)
+        for pid in _sleepers("4242"):
+            os.kill(pid, signal.SIGKILL)
+        subprocess.run(["umount", str(state)], check=True)
+
+
 # ---------------------------------------------------------------------------
 # The CLI verbs, against a daemon on the private bus
 
