@@ -221,7 +221,9 @@ class Daemon:
                 os.rmdir(os.path.join(PROPAGATE_DIR, entry.name))
 
     def _store_console(self, entry: Entry, fd: int) -> None:
-        self.notify(f"FDSTORE=1\nFDNAME={CONSOLE_FDNAME}{entry.name}", [fd])
+        # FDPOLL=0: systemd would drop the fd at the first POLLHUP, which a pty
+        # master sees each time the container's systemd vhangup()s its console.
+        self.notify(f"FDSTORE=1\nFDPOLL=0\nFDNAME={CONSOLE_FDNAME}{entry.name}", [fd])
 
     def _unstore_console(self, entry: Entry) -> None:
         self.notify(f"FDSTOREREMOVE=1\nFDNAME={CONSOLE_FDNAME}{entry.name}")
