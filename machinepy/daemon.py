@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 from machinepy.service import Console, Entry, Hooks, Service
 from machinepy.spec import ContainerSpec
-from machinepy.supervisor import SIG_HALT, STOP_TIMEOUT, Container
+from machinepy.supervisor import PROPAGATE_OWNER_XATTR, SIG_HALT, STOP_TIMEOUT, Container
 
 log = logging.getLogger("machinepy.daemon")
 
@@ -80,6 +80,26 @@ def take_listen_fds() -> dict[str, int]:
     for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
         env.pop(key, None)
     return fds
+
+
+def claim_propagate_dir(name: str, leader: int, leader_start: int) -> None:
+    """Mark an adopted container's `machinectl bind` dir as owned by its leader.
+
+    The mark named the supervisor (the old daemon), now dead: the next
+    registration's sweep would remove the dir, and a new one would not reach
+    into the container (its /run/host/incoming is a slave of the old dentry).
+    The leader, not this daemon, so the dir also outlives our own stop.
+    """
+    path = os.path.join(PROPAGATE_DIR, name)
+    with contextlib.suppress(OSError):
+        os.setxattr(path, PROPAGATE_OWNER_XATTR, b"%d %d" % (leader, leader_start))
+
+
+def remove_propagate_dir(name: str) -> None:
+    path = os.path.join(PROPAGATE_DIR, name)
+    with contextlib.suppress(OSError):
+        os.getxattr(path, PROPAGATE_OWNER_XATTR)  # ours only, never nspawn's
+        os.rmdir(path)
 
 
 class Record(NamedTuple):
@@ -217,8 +237,7 @@ class Daemon:
         c = entry.container
         if isinstance(entry.control, Adopted) and c is not None and c.registered and c.spec.root:
             # Its supervisor, which made it, is gone: nobody else removes it.
-            with contextlib.suppress(OSError):
-                os.rmdir(os.path.join(PROPAGATE_DIR, entry.name))
+            remove_propagate_dir(entry.name)
 
     def _store_console(self, entry: Entry, fd: int) -> None:
         # FDPOLL=0: systemd would drop the fd at the first POLLHUP, which a pty
@@ -236,7 +255,10 @@ class Daemon:
         for rec in self.state.records():
             entry = self._adopt(rec)
             if entry is None:
+                log.info("container %s ended while no daemon ran", rec.name)
                 self.state.remove(rec.name)
+                if rec.registered and rec.root:
+                    remove_propagate_dir(rec.name)
                 continue
             assert isinstance(entry.control, Adopted)
             service.adopt(entry, entry.control.run())
@@ -267,6 +289,8 @@ class Daemon:
                              machine_id=uuid.UUID(rec.machine_id) if rec.machine_id else None)
         c = Container(spec)
         c.name, c.leader, c.unit, c.registered = rec.name, rec.leader, rec.unit, rec.registered
+        if rec.registered and rec.root:
+            claim_propagate_dir(rec.name, rec.leader, rec.start_time)
         c.state = "running"
         entry = Entry(rec.name, Adopted(c, pidfd, self.stop_timeout, rec.ifindices),
                       since=rec.since)
