@@ -174,11 +174,43 @@ class StateDir:
         return out
 
 
+# ioctl(PIDFD_GET_INFO) (Linux 6.13) with PIDFD_INFO_EXIT (6.15): the wait
+# status of a process we are not the parent of, once its parent reaped it.
+PIDFD_GET_INFO = 0xC040FF0B  # _IOWR(0xFF, 11, struct pidfd_info), 64 bytes
+PIDFD_INFO_EXIT = 1 << 3
+EXIT_INFO_WAIT = 5.0  # seconds for the leader's parent (systemd) to reap it
+
+
+def pidfd_wait_status(pidfd: int) -> int | None:
+    import fcntl
+    import struct
+
+    buf = bytearray(struct.pack("=Q56x", PIDFD_INFO_EXIT))
+    try:
+        fcntl.ioctl(pidfd, PIDFD_GET_INFO, buf)
+    except OSError:  # an older kernel
+        return None
+    if not struct.unpack_from("=Q", buf)[0] & PIDFD_INFO_EXIT:
+        return None  # not reaped yet
+    return int(struct.unpack_from("=i", buf, 60)[0])
+
+
+def exit_status_of(wstatus: int, boot: bool) -> int:
+    """As the supervisor reports it: the exit code, or 128 + the signal."""
+    if os.WIFEXITED(wstatus):
+        return os.WEXITSTATUS(wstatus)
+    sig = os.WTERMSIG(wstatus)
+    if boot and sig in (signal.SIGINT, signal.SIGHUP):
+        return 0  # reboot(2) inside a pid namespace: a clean end
+    return 128 + sig
+
+
 class Adopted:
     """A container an earlier daemon started: all we have is a pidfd on its leader.
 
-    Not our child, so its exit status is unknown (-1); a reboot inside ends it,
-    since nobody is there to start it again.
+    Not our child (its parent is now our service manager), so its exit status
+    comes from the pidfd once the parent has reaped it (-1 on kernels before
+    6.15); a reboot inside ends it, since nobody is there to start it again.
     """
 
     def __init__(self, container: Container, pidfd: int, stop_timeout: float,
@@ -209,14 +241,24 @@ class Adopted:
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         loop.add_reader(self.pidfd, fut.set_result, None)
+        status = -1
         try:
             await fut
+            loop.remove_reader(self.pidfd)
+            delay, deadline = 0.005, loop.time() + EXIT_INFO_WAIT
+            while (wstatus := pidfd_wait_status(self.pidfd)) is None and \
+                    loop.time() < deadline:
+                await asyncio.sleep(delay)  # a zombie until its parent reaps it
+                delay = min(delay * 2, 0.25)
+            if wstatus is not None:
+                status = exit_status_of(wstatus, self.container.spec.boot)
         finally:
             loop.remove_reader(self.pidfd)
             os.close(self.pidfd)
             self.pidfd = -1
+        self.container.status = status
         self.container.set_state("exited")
-        return -1
+        return status
 
 
 class Daemon:

@@ -4,10 +4,14 @@ propagation dirs, exit status of adopted leaders."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
+import time
 from collections.abc import Awaitable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,10 +19,11 @@ from typing import Any
 import pytest
 
 from machinepy import daemon as daemon_mod
-from machinepy import supervisor
+from machinepy import linux, supervisor
 from machinepy.daemon import Adopted, Daemon, Notifier, start_time
 from machinepy.service import Entry
-from machinepy.supervisor import PROPAGATE_OWNER_XATTR, sweep_propagate_dirs
+from machinepy.spec import ContainerSpec
+from machinepy.supervisor import PROPAGATE_OWNER_XATTR, Container, sweep_propagate_dirs
 
 
 def test_consoles_are_stored_unpolled(tmp_path: Path) -> None:
@@ -103,3 +108,63 @@ def test_adoption_claims_propagation_dirs_and_removes_dead_ones(
         for e in fake.adopted:
             assert isinstance(e.control, Adopted)
             os.close(e.control.pidfd)
+
+
+def _grandchild(code: int | None, sig: int | None = None) -> tuple[int, int]:
+    """A process that is not our child (its parent exits), with a pidfd on it.
+
+    Returns (pid, pidfd); we are a subreaper, so the orphan comes to us to reap."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        g = os.fork()
+        if g == 0:
+            time.sleep(0.2)
+            if sig is not None:
+                os.kill(os.getpid(), sig)
+            os._exit(code or 0)
+        os.write(w, str(g).encode())
+        os._exit(0)
+    os.close(w)
+    os.waitpid(pid, 0)
+    g = int(os.read(r, 32))
+    os.close(r)
+    return g, os.pidfd_open(g)
+
+
+def _reap_when_dead(pid: int) -> None:
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+
+
+@pytest.mark.parametrize(("code", "sig", "boot", "want"), [
+    (7, None, False, 7),
+    (0, signal.SIGKILL, False, 128 + 9),
+    (0, signal.SIGINT, True, 0),  # reboot(2) in a booted container's pid namespace
+])
+async def test_adopted_leaders_report_their_exit_status(code: int, sig: int | None,
+                                                        boot: bool, want: int) -> None:
+    if not _kernel_has_exit_info():
+        pytest.skip("needs PIDFD_INFO_EXIT (Linux 6.15)")
+    linux.prctl(linux.PR_SET_CHILD_SUBREAPER, 1)  # as spawn() makes any supervisor
+    pid, pidfd = _grandchild(code, sig)
+    try:
+        c = Container(ContainerSpec(command=("/bin/sh",), boot=boot))
+        c.leader, c.state = pid, "running"
+        adopted = Adopted(c, pidfd, 1.0, [])
+        task = asyncio.ensure_future(adopted.run())
+        while Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0] != "Z":
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.1)
+        assert not task.done()  # a zombie: not reaped, no status yet
+        _reap_when_dead(pid)  # what systemd, its parent now, does
+        assert await asyncio.wait_for(task, 10) == want
+        assert c.state == "exited" and c.status == want
+        assert adopted.pidfd == -1  # closed
+    finally:
+        _reap_when_dead(pid)
+
+
+def _kernel_has_exit_info() -> bool:
+    release = os.uname().release.split(".")
+    return (int(release[0]), int(release[1].split("-")[0])) >= (6, 15)
