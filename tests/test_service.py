@@ -659,12 +659,28 @@ def test_install_units_into_a_root(tmp_path: Path) -> None:
     assert f"ExecStart={sys.executable} -m machinepy daemon\n" in service
     assert "BusName=io.machinepy1" in service and "KillMode=process" in service
     assert "FileDescriptorStoreMax=" in service
+    from machinepy.client import systemd_version
+
+    assert ("FileDescriptorStorePreserve=yes" in service) == ((systemd_version() or 254) >= 254)
     template = (tmp_path / "etc/systemd/system/machinepy@.service").read_text()
     assert "boot /var/lib/machines/%i --machine=%i" in template
     activation = (tmp_path / "usr/share/dbus-1/system-services/io.machinepy1.service")
     assert "SystemdService=machinepy.service" in activation.read_text()
     policy = (tmp_path / "etc/dbus-1/system.d/io.machinepy1.conf").read_text()
     assert 'send_member="ListContainers"' in policy and 'own="io.machinepy1"' in policy
+
+
+def test_fd_store_preserve_only_where_systemd_has_it() -> None:
+    from machinepy.client import UNITS_DIR, for_systemd, systemd_version
+
+    unit = (UNITS_DIR / "machinepy.service").read_text()
+    assert "FileDescriptorStorePreserve=yes\n" in for_systemd(unit, 254)
+    assert "FileDescriptorStorePreserve" not in for_systemd(unit, 252)
+    assert for_systemd(unit, None) == unit
+    assert "FileDescriptorStoreMax=4096\n" in for_systemd(unit, 252)
+    version = systemd_version()
+    if version is not None:  # install-units asks the systemd at hand
+        assert isinstance(version, int) and version > 200
 
 
 @pytest.mark.root
