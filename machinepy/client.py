@@ -376,10 +376,18 @@ def install_units(argv: list[str]) -> int:
               file=sys.stderr)
         return 1
     exec_start = f"{sys.executable} -m machinepy"
+    # A source checkout (not site-packages): the units must run this very tree,
+    # not whatever `import machinepy` finds from / (an editable install of
+    # another checkout, say).
+    here = Path(__file__).resolve().parent.parent
+    env_line = "" if here.name in ("site-packages", "dist-packages") else \
+        f"Environment=PYTHONPATH={here}"
     for name, where in INSTALL.items():
         text = (UNITS_DIR / name).read_text()
         # Units name `machinepy`; systemd needs the interpreter that has it installed.
         text = text.replace("ExecStart=machinepy ", f"ExecStart={exec_start} ")
+        if "ExecStart=" in text and env_line:
+            text = text.replace("\nExecStart=", f"\n{env_line}\nExecStart=", 1)
         text = for_systemd(text, systemd_version())
         dest = Path(args.root) / where / name
         dest.parent.mkdir(parents=True, exist_ok=True)

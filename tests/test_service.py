@@ -657,6 +657,9 @@ def test_install_units_into_a_root(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     service = (tmp_path / "etc/systemd/system/machinepy.service").read_text()
     assert f"ExecStart={sys.executable} -m machinepy daemon\n" in service
+    # This checkout's code runs, whatever else `import machinepy` would find.
+    repo = Path(__file__).resolve().parent.parent
+    assert f"\nEnvironment=PYTHONPATH={repo}\nExecStart=" in service
     assert "BusName=io.machinepy1" in service and "KillMode=process" in service
     assert "FileDescriptorStoreMax=" in service
     from machinepy.client import systemd_version
