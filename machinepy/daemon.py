@@ -8,6 +8,26 @@ die with their supervisor, and live in their own scopes); the next daemon
 adopts every survivor by a pidfd on its leader and takes its console back from
 the store.
 
+The console fds are stored with FDPOLL=0: a pty master sees POLLHUP each time
+the container's systemd vhangup()s /dev/console, and systemd drops a polled fd
+at the first one.  A stop empties the store unless systemd has
+FileDescriptorStorePreserve= (254; the unit sets it, install-units drops it on
+older ones).
+
+Not done (systemd < 254, e.g. Debian 12's 252): something that holds the
+consoles across a stop.  The design, for whoever does it: one holder process
+for all of the daemon's consoles, in a unit of its own (so a stop of
+machinepy.service does not kill it), started by the daemon when systemd
+predates Preserve; the daemon hands it each new master (SCM_RIGHTS over a
+socket under /run/machinepy) and takes them back at start, as from the store.
+Not conmon's one holder per container: at 1000 containers that is 1000
+processes (even a small C one is ~1 MiB RSS each; a Python one ~9 MiB), where
+one holder costs one process plus one fd per console.  The holder would only
+hold, not drain: while no daemon runs, nobody drains the fd store either.
+Exit status needs no holder: an adopted leader's comes from its pidfd
+(PIDFD_INFO_EXIT) once its parent, systemd, reaps it; to keep it across a
+stop, the leader's pidfd would go into the same store or holder.
+
 No threads, ever: Supervisor.spawn() forks, and refuses in a threaded process.
 """
 
