@@ -14,19 +14,12 @@ at the first one.  A stop empties the store unless systemd has
 FileDescriptorStorePreserve= (254; the unit sets it, install-units drops it on
 older ones).
 
-Not done (systemd < 254, e.g. Debian 12's 252): something that holds the
-consoles across a stop.  The design, for whoever does it: one holder process
-for all of the daemon's consoles, in a unit of its own (so a stop of
-machinepy.service does not kill it), started by the daemon when systemd
-predates Preserve; the daemon hands it each new master (SCM_RIGHTS over a
-socket under /run/machinepy) and takes them back at start, as from the store.
-Not conmon's one holder per container: at 1000 containers that is 1000
-processes (even a small C one is ~1 MiB RSS each; a Python one ~9 MiB), where
-one holder costs one process plus one fd per console.  The holder would only
-hold, not drain: while no daemon runs, nobody drains the fd store either.
-Exit status needs no holder: an adopted leader's comes from its pidfd
-(PIDFD_INFO_EXIT) once its parent, systemd, reaps it; to keep it across a
-stop, the leader's pidfd would go into the same store or holder.
+Where systemd predates Preserve, the consoles go to a holder process too
+(holder.py, which says why one for all and not one per container).  Exit status
+needs no holder: an adopted leader's comes from its pidfd (PIDFD_INFO_EXIT) once
+its parent, systemd, reaps it; a leader that ends while no daemon runs is not
+watched by anyone, and its status is lost (its pidfd could go to the store or
+the holder too).
 
 No threads, ever: Supervisor.spawn() forks, and refuses in a threaded process.
 """
@@ -40,13 +33,18 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from machinepy.service import Console, Entry, Hooks, Service
 from machinepy.spec import ContainerSpec
 from machinepy.supervisor import PROPAGATE_OWNER_XATTR, SIG_HALT, STOP_TIMEOUT, Container
+
+if TYPE_CHECKING:
+    from machinepy.holder import Client as HolderClient
 
 log = logging.getLogger("machinepy.daemon")
 
@@ -287,7 +285,50 @@ class Daemon:
         self.stop_timeout = stop_timeout
         self.notify = Notifier(os.environ.pop("NOTIFY_SOCKET", None))
         self.stored = take_listen_fds()
+        self.in_store = set(self.stored)
         self.service: Service | None = None
+        self.holder: HolderClient | None = None
+
+    # -- the console holder, where systemd's fd store does not survive a stop -------------
+
+    def _connect_holder(self) -> HolderClient | None:
+        if not self.notify.address:
+            return None  # not run by systemd: no fd store either
+        from machinepy.client import systemd_version
+        from machinepy.holder import UNIT, Client
+
+        version = systemd_version()
+        if version is None or version >= 254:
+            return None  # FileDescriptorStorePreserve=yes does it
+        with contextlib.suppress(OSError):
+            return Client()
+        # -S: no site (4 MiB less RSS); so the path to this package, explicitly.
+        here = Path(__file__).resolve().parent.parent
+        r = subprocess.run(["systemd-run", "--quiet", "--collect", f"--unit={UNIT}",
+                            "--description=machinepy console holder",
+                            f"--setenv=PYTHONPATH={here}", "--",
+                            sys.executable, "-S", "-m", "machinepy.holder"],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            log.warning("no console holder: systemd-run: %s", r.stderr.strip())
+            return None
+        for _ in range(100):
+            try:
+                return Client()
+            except OSError:
+                time.sleep(0.02)
+        log.warning("no console holder: it never listened")
+        return None
+
+    def _holder_call(self, what: str, *args: Any) -> None:
+        if self.holder is None:
+            return
+        try:
+            getattr(self.holder, what)(*args)
+        except OSError as e:
+            log.warning("console holder: %s; a stop will lose the consoles", e)
+            self.holder.close()
+            self.holder = None
 
     # -- hooks called by the service ------------------------------------------------------
 
@@ -305,9 +346,11 @@ class Daemon:
         # FDPOLL=0: systemd would drop the fd at the first POLLHUP, which a pty
         # master sees each time the container's systemd vhangup()s its console.
         self.notify(f"FDSTORE=1\nFDPOLL=0\nFDNAME={CONSOLE_FDNAME}{entry.name}", [fd])
+        self._holder_call("put", CONSOLE_FDNAME + entry.name, fd)
 
     def _unstore_console(self, entry: Entry) -> None:
         self.notify(f"FDSTOREREMOVE=1\nFDNAME={CONSOLE_FDNAME}{entry.name}")
+        self._holder_call("delete", CONSOLE_FDNAME + entry.name)
 
     # -- adoption --------------------------------------------------------------------------
 
@@ -329,6 +372,7 @@ class Daemon:
         for name, fd in self.stored.items():  # consoles of containers that died meanwhile
             os.close(fd)
             self.notify(f"FDSTOREREMOVE=1\nFDNAME={name}")
+            self._holder_call("delete", name)
         self.stored.clear()
         return adopted
 
@@ -359,6 +403,8 @@ class Daemon:
         fd = self.stored.pop(CONSOLE_FDNAME + rec.name, -1)
         if fd >= 0:
             entry.console = Console(asyncio.get_running_loop(), fd, owned=True)
+            if CONSOLE_FDNAME + rec.name not in self.in_store:  # the holder's only
+                self.notify(f"FDSTORE=1\nFDPOLL=0\nFDNAME={CONSOLE_FDNAME}{rec.name}", [fd])
         return entry
 
     # -- main ------------------------------------------------------------------------------
@@ -375,6 +421,18 @@ class Daemon:
         hooks = Hooks(running=self._running, gone=self._gone, console=self._store_console,
                       console_gone=self._unstore_console)
         self.service = service = Service(bus, hooks=hooks, stop_timeout=self.stop_timeout)
+        self.holder = self._connect_holder()
+        if self.holder is not None:
+            try:
+                held = self.holder.take_all()
+            except OSError as e:
+                log.warning("console holder: %s", e)
+                held = {}
+            for name, fd in held.items():  # after a restart the store has them too
+                if name in self.stored:
+                    os.close(fd)
+                else:
+                    self.stored[name] = fd
         adopted = self.adopt_survivors(service)
         await service.start()
         loop = asyncio.get_running_loop()

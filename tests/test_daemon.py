@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import json
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Iterator
 from pathlib import Path
@@ -146,6 +148,8 @@ async def test_adopted_leaders_report_their_exit_status(code: int, sig: int | No
                                                         boot: bool, want: int) -> None:
     if not _kernel_has_exit_info():
         pytest.skip("needs PIDFD_INFO_EXIT (Linux 6.15)")
+    was = ctypes.c_int(0)
+    linux.prctl(37, ctypes.addressof(was))  # PR_GET_CHILD_SUBREAPER
     linux.prctl(linux.PR_SET_CHILD_SUBREAPER, 1)  # as spawn() makes any supervisor
     pid, pidfd = _grandchild(code, sig)
     try:
@@ -163,8 +167,59 @@ async def test_adopted_leaders_report_their_exit_status(code: int, sig: int | No
         assert adopted.pidfd == -1  # closed
     finally:
         _reap_when_dead(pid)
+        linux.prctl(linux.PR_SET_CHILD_SUBREAPER, was.value)  # other tests' orphans: not ours
 
 
 def _kernel_has_exit_info() -> bool:
     release = os.uname().release.split(".")
     return (int(release[0]), int(release[1].split("-")[0])) >= (6, 15)
+
+
+@pytest.mark.root  # the holder serves root only
+def test_the_holder_keeps_fds_for_the_next_daemon(tmp_path: Path) -> None:
+    from machinepy.holder import Client
+
+    path = str(tmp_path / "holder.sock")
+    proc = subprocess.Popen([sys.executable, "-m", "machinepy.holder", path])
+    r, w = os.pipe()
+    try:
+        for _ in range(200):
+            if os.path.exists(path):
+                break
+            time.sleep(0.01)
+        first = Client(path)  # the daemon that made the consoles
+        first.put("console-a", r)
+        first.put("console-b", w)
+        first.delete("console-b")
+        for fd in first.take_all().values():  # answered after the above: in order
+            os.close(fd)
+        first.close()  # it stops
+        os.close(r)
+        nxt = Client(path)  # the next daemon takes them back
+        held = nxt.take_all()
+        assert list(held) == ["console-a"]
+        os.write(w, b"same pipe")
+        assert os.read(held["console-a"], 64) == b"same pipe"
+        os.close(held["console-a"])
+        again = nxt.take_all()  # kept until deleted: a daemon may restart twice
+        assert list(again) == ["console-a"]
+        os.close(again["console-a"])
+        nxt.close()
+        assert os.stat(path).st_mode & 0o777 == 0o700  # root's only
+        pid = os.fork()
+        if pid == 0:  # nobody may not connect
+            code = 1
+            try:
+                os.setresgid(65534, 65534, 65534)
+                os.setresuid(65534, 65534, 65534)
+                Client(path)
+            except PermissionError:
+                code = 0
+            finally:
+                os._exit(code)
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+        with contextlib.suppress(OSError):
+            os.close(w)
