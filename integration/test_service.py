@@ -322,3 +322,38 @@ def test_boot_detach_hands_the_container_to_the_service(host: Any, debian_rootfs
     wait_for(booted, 60, "svc-handed to boot")
     assert host.run(["machinectl", "poweroff", "svc-handed"]).returncode == 0
     wait_for(lambda: not names(host), 60, "svc-handed to power off")
+
+
+def test_booted_container_keeps_its_console_across_a_restart(host: Any,
+                                                             debian_rootfs: Path) -> None:
+    # Its systemd vhangup()s /dev/console while booting: the pty master in
+    # systemd's fd store sees POLLHUP, and a polled fd is dropped from the store.
+    manager(host, "ListContainers")
+    r = manager(host, "CreateContainer", "ssasa{sv}", "svc-bootc", str(debian_rootfs), "0",
+                "2", "Boot", "b", "true", "Ephemeral", "b", "true")
+    assert r.returncode == 0, r.stderr
+
+    def booted() -> bool:
+        r = host.run(["machinectl", "shell", "-q", "svc-bootc", "/bin/systemctl",
+                      "is-system-running", "--wait"], timeout=60)
+        return r.stdout.strip() in ("running", "degraded")
+
+    wait_for(booted, 90, "svc-bootc to boot")
+    assert host.run(["systemctl", "restart", "machinepy.service"]).returncode == 0
+    assert names(host) == ["svc-bootc"]
+    r = host.run([sys.executable, "-c", CONSOLE, "svc-bootc", "", "login:"])
+    assert r.stdout.split("\n")[:2] == ["tty True", "found"], r.stdout + r.stderr
+    # Powered off by its own systemd, at once; not SIGKILLed after the grace time.
+    watcher = host.popen([sys.executable, "-c", WATCH_REMOVED, "svc-bootc"],
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        assert watcher.stdout is not None
+        assert watcher.stdout.readline() == "subscribed\n"
+        began = time.monotonic()
+        assert manager(host, "PoweroffContainer", "s", "svc-bootc").returncode == 0
+        out, _ = watcher.communicate(timeout=60)
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+    assert time.monotonic() - began < 20
+    assert out.split() == ["svc-bootc", container_path("svc-bootc"), "0"], out

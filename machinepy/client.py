@@ -347,6 +347,27 @@ async def attach(client: Client, argv: list[str]) -> int:
 # install-units
 
 
+# Unit settings and the systemd version that brought them.
+SINCE = {"FileDescriptorStorePreserve=": 254}
+
+
+def systemd_version() -> int | None:
+    try:
+        r = subprocess.run(["systemctl", "--version"], capture_output=True, text=True)
+        return int(r.stdout.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def for_systemd(text: str, version: int | None) -> str:
+    """Drop the settings this systemd predates (unknown: keep them all)."""
+    if version is None:
+        return text
+    return "".join(line for line in text.splitlines(keepends=True)
+                   if not any(line.startswith(key) and version < since
+                              for key, since in SINCE.items()))
+
+
 def install_units(argv: list[str]) -> int:
     p = Parser(prog="machinepy install-units",
                description="Install the systemd units, D-Bus policy and activation file.")
@@ -359,10 +380,19 @@ def install_units(argv: list[str]) -> int:
               file=sys.stderr)
         return 1
     exec_start = f"{sys.executable} -m machinepy"
+    # A source checkout (not site-packages): the units must run this very tree,
+    # not whatever `import machinepy` finds from / (an editable install of
+    # another checkout, say).
+    here = Path(__file__).resolve().parent.parent
+    env_line = "" if here.name in ("site-packages", "dist-packages") else \
+        f"Environment=PYTHONPATH={here}"
     for name, where in INSTALL.items():
         text = (UNITS_DIR / name).read_text()
         # Units name `machinepy`; systemd needs the interpreter that has it installed.
         text = text.replace("ExecStart=machinepy ", f"ExecStart={exec_start} ")
+        if "ExecStart=" in text and env_line:
+            text = text.replace("\nExecStart=", f"\n{env_line}\nExecStart=", 1)
+        text = for_systemd(text, systemd_version())
         dest = Path(args.root) / where / name
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{name}.tmp")

@@ -178,6 +178,7 @@ class Relay:
         self.out = _Pipe(self.loop, master, out_fd, on_eio=self._hangup)
         fds = (0, out_fd) if interactive else (out_fd,)
         self._blocking = {fd: os.get_blocking(fd) for fd in fds}
+        self._retry: Any = None  # the loop's timer handle of a hang-up retry
 
     def start(self) -> None:
         if self.interactive:
@@ -230,13 +231,22 @@ class Relay:
     def _hangup(self) -> None:
         # systemd re-opens /dev/console and calls vhangup() while booting; the
         # master reads EIO until the slave is opened again.  Retry, don't quit.
-        self.loop.call_later(0.1, self.out.start)
+        self._retry = self.loop.call_later(0.1, self._resume)
+
+    def _resume(self) -> None:
+        self._retry = None
+        self.out.start()
 
     def stop(self) -> None:
         self._take_held()  # the release timer with it
+        # Cancelled first: once we return, the caller may close the master.
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
         self.inp.stop()
         self.out.drain()
         self.out.stop()
+        self.out.closed = True  # nothing may start reading it again
         for fd, blocking in self._blocking.items():
             os.set_blocking(fd, blocking)
         if self.saved is not None:

@@ -8,6 +8,19 @@ die with their supervisor, and live in their own scopes); the next daemon
 adopts every survivor by a pidfd on its leader and takes its console back from
 the store.
 
+The console fds are stored with FDPOLL=0: a pty master sees POLLHUP each time
+the container's systemd vhangup()s /dev/console, and systemd drops a polled fd
+at the first one.  A stop empties the store unless systemd has
+FileDescriptorStorePreserve= (254; the unit sets it, install-units drops it on
+older ones).
+
+Where systemd predates Preserve, the consoles go to a holder process too
+(holder.py, which says why one for all and not one per container).  Exit status
+needs no holder: an adopted leader's comes from its pidfd (PIDFD_INFO_EXIT) once
+its parent, systemd, reaps it; a leader that ends while no daemon runs is not
+watched by anyone, and its status is lost (its pidfd could go to the store or
+the holder too).
+
 No threads, ever: Supervisor.spawn() forks, and refuses in a threaded process.
 """
 
@@ -20,13 +33,18 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from machinepy.service import Console, Entry, Hooks, Service
 from machinepy.spec import ContainerSpec
-from machinepy.supervisor import SIG_HALT, STOP_TIMEOUT, Container
+from machinepy.supervisor import PROPAGATE_OWNER_XATTR, SIG_HALT, STOP_TIMEOUT, Container
+
+if TYPE_CHECKING:
+    from machinepy.holder import Client as HolderClient
 
 log = logging.getLogger("machinepy.daemon")
 
@@ -82,6 +100,26 @@ def take_listen_fds() -> dict[str, int]:
     return fds
 
 
+def claim_propagate_dir(name: str, leader: int, leader_start: int) -> None:
+    """Mark an adopted container's `machinectl bind` dir as owned by its leader.
+
+    The mark named the supervisor (the old daemon), now dead: the next
+    registration's sweep would remove the dir, and a new one would not reach
+    into the container (its /run/host/incoming is a slave of the old dentry).
+    The leader, not this daemon, so the dir also outlives our own stop.
+    """
+    path = os.path.join(PROPAGATE_DIR, name)
+    with contextlib.suppress(OSError):
+        os.setxattr(path, PROPAGATE_OWNER_XATTR, b"%d %d" % (leader, leader_start))
+
+
+def remove_propagate_dir(name: str) -> None:
+    path = os.path.join(PROPAGATE_DIR, name)
+    with contextlib.suppress(OSError):
+        os.getxattr(path, PROPAGATE_OWNER_XATTR)  # ours only, never nspawn's
+        os.rmdir(path)
+
+
 class Record(NamedTuple):
     """A container's state file: enough to adopt it after a daemon restart."""
 
@@ -116,14 +154,26 @@ class StateDir:
         return self.path / f"{name}.json"
 
     def write(self, entry: Entry) -> None:
+        """Atomically; OSError (ENOSPC: /run full) leaves no temp file behind."""
         try:
             record = Record.of(entry)
         except OSError:
             return  # the leader is already gone
         self.path.mkdir(mode=0o755, parents=True, exist_ok=True)
         tmp = self.path / f".{entry.name}.tmp"
-        tmp.write_text(json.dumps(record._asdict()))
-        tmp.replace(self.file(entry.name))
+        try:
+            tmp.write_text(json.dumps(record._asdict()))
+            tmp.replace(self.file(entry.name))
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self.path.rmdir()  # only when empty
+            raise
+
+    def sweep(self) -> None:
+        """Temp files of a daemon killed mid-write."""
+        for tmp in self.path.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
 
     def remove(self, name: str) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -142,11 +192,43 @@ class StateDir:
         return out
 
 
+# ioctl(PIDFD_GET_INFO) (Linux 6.13) with PIDFD_INFO_EXIT (6.15): the wait
+# status of a process we are not the parent of, once its parent reaped it.
+PIDFD_GET_INFO = 0xC040FF0B  # _IOWR(0xFF, 11, struct pidfd_info), 64 bytes
+PIDFD_INFO_EXIT = 1 << 3
+EXIT_INFO_WAIT = 5.0  # seconds for the leader's parent (systemd) to reap it
+
+
+def pidfd_wait_status(pidfd: int) -> int | None:
+    import fcntl
+    import struct
+
+    buf = bytearray(struct.pack("=Q56x", PIDFD_INFO_EXIT))
+    try:
+        fcntl.ioctl(pidfd, PIDFD_GET_INFO, buf)
+    except OSError:  # an older kernel
+        return None
+    if not struct.unpack_from("=Q", buf)[0] & PIDFD_INFO_EXIT:
+        return None  # not reaped yet
+    return int(struct.unpack_from("=i", buf, 60)[0])
+
+
+def exit_status_of(wstatus: int, boot: bool) -> int:
+    """As the supervisor reports it: the exit code, or 128 + the signal."""
+    if os.WIFEXITED(wstatus):
+        return os.WEXITSTATUS(wstatus)
+    sig = os.WTERMSIG(wstatus)
+    if boot and sig in (signal.SIGINT, signal.SIGHUP):
+        return 0  # reboot(2) inside a pid namespace: a clean end
+    return 128 + sig
+
+
 class Adopted:
     """A container an earlier daemon started: all we have is a pidfd on its leader.
 
-    Not our child, so its exit status is unknown (-1); a reboot inside ends it,
-    since nobody is there to start it again.
+    Not our child (its parent is now our service manager), so its exit status
+    comes from the pidfd once the parent has reaped it (-1 on kernels before
+    6.15); a reboot inside ends it, since nobody is there to start it again.
     """
 
     def __init__(self, container: Container, pidfd: int, stop_timeout: float,
@@ -177,14 +259,24 @@ class Adopted:
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         loop.add_reader(self.pidfd, fut.set_result, None)
+        status = -1
         try:
             await fut
+            loop.remove_reader(self.pidfd)
+            delay, deadline = 0.005, loop.time() + EXIT_INFO_WAIT
+            while (wstatus := pidfd_wait_status(self.pidfd)) is None and \
+                    loop.time() < deadline:
+                await asyncio.sleep(delay)  # a zombie until its parent reaps it
+                delay = min(delay * 2, 0.25)
+            if wstatus is not None:
+                status = exit_status_of(wstatus, self.container.spec.boot)
         finally:
             loop.remove_reader(self.pidfd)
             os.close(self.pidfd)
             self.pidfd = -1
+        self.container.status = status
         self.container.set_state("exited")
-        return -1
+        return status
 
 
 class Daemon:
@@ -193,7 +285,50 @@ class Daemon:
         self.stop_timeout = stop_timeout
         self.notify = Notifier(os.environ.pop("NOTIFY_SOCKET", None))
         self.stored = take_listen_fds()
+        self.in_store = set(self.stored)
         self.service: Service | None = None
+        self.holder: HolderClient | None = None
+
+    # -- the console holder, where systemd's fd store does not survive a stop -------------
+
+    def _connect_holder(self) -> HolderClient | None:
+        if not self.notify.address:
+            return None  # not run by systemd: no fd store either
+        from machinepy.client import systemd_version
+        from machinepy.holder import UNIT, Client
+
+        version = systemd_version()
+        if version is None or version >= 254:
+            return None  # FileDescriptorStorePreserve=yes does it
+        with contextlib.suppress(OSError):
+            return Client()
+        # -S: no site (4 MiB less RSS); so the path to this package, explicitly.
+        here = Path(__file__).resolve().parent.parent
+        r = subprocess.run(["systemd-run", "--quiet", "--collect", f"--unit={UNIT}",
+                            "--description=machinepy console holder",
+                            f"--setenv=PYTHONPATH={here}", "--",
+                            sys.executable, "-S", "-m", "machinepy.holder"],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            log.warning("no console holder: systemd-run: %s", r.stderr.strip())
+            return None
+        for _ in range(100):
+            try:
+                return Client()
+            except OSError:
+                time.sleep(0.02)
+        log.warning("no console holder: it never listened")
+        return None
+
+    def _holder_call(self, what: str, *args: Any) -> None:
+        if self.holder is None:
+            return
+        try:
+            getattr(self.holder, what)(*args)
+        except OSError as e:
+            log.warning("console holder: %s; a stop will lose the consoles", e)
+            self.holder.close()
+            self.holder = None
 
     # -- hooks called by the service ------------------------------------------------------
 
@@ -205,23 +340,30 @@ class Daemon:
         c = entry.container
         if isinstance(entry.control, Adopted) and c is not None and c.registered and c.spec.root:
             # Its supervisor, which made it, is gone: nobody else removes it.
-            with contextlib.suppress(OSError):
-                os.rmdir(os.path.join(PROPAGATE_DIR, entry.name))
+            remove_propagate_dir(entry.name)
 
     def _store_console(self, entry: Entry, fd: int) -> None:
-        self.notify(f"FDSTORE=1\nFDNAME={CONSOLE_FDNAME}{entry.name}", [fd])
+        # FDPOLL=0: systemd would drop the fd at the first POLLHUP, which a pty
+        # master sees each time the container's systemd vhangup()s its console.
+        self.notify(f"FDSTORE=1\nFDPOLL=0\nFDNAME={CONSOLE_FDNAME}{entry.name}", [fd])
+        self._holder_call("put", CONSOLE_FDNAME + entry.name, fd)
 
     def _unstore_console(self, entry: Entry) -> None:
         self.notify(f"FDSTOREREMOVE=1\nFDNAME={CONSOLE_FDNAME}{entry.name}")
+        self._holder_call("delete", CONSOLE_FDNAME + entry.name)
 
     # -- adoption --------------------------------------------------------------------------
 
     def adopt_survivors(self, service: Service) -> int:
         adopted = 0
+        self.state.sweep()
         for rec in self.state.records():
             entry = self._adopt(rec)
             if entry is None:
+                log.info("container %s ended while no daemon ran", rec.name)
                 self.state.remove(rec.name)
+                if rec.registered and rec.root:
+                    remove_propagate_dir(rec.name)
                 continue
             assert isinstance(entry.control, Adopted)
             service.adopt(entry, entry.control.run())
@@ -230,6 +372,7 @@ class Daemon:
         for name, fd in self.stored.items():  # consoles of containers that died meanwhile
             os.close(fd)
             self.notify(f"FDSTOREREMOVE=1\nFDNAME={name}")
+            self._holder_call("delete", name)
         self.stored.clear()
         return adopted
 
@@ -252,12 +395,16 @@ class Daemon:
                              machine_id=uuid.UUID(rec.machine_id) if rec.machine_id else None)
         c = Container(spec)
         c.name, c.leader, c.unit, c.registered = rec.name, rec.leader, rec.unit, rec.registered
+        if rec.registered and rec.root:
+            claim_propagate_dir(rec.name, rec.leader, rec.start_time)
         c.state = "running"
         entry = Entry(rec.name, Adopted(c, pidfd, self.stop_timeout, rec.ifindices),
                       since=rec.since)
         fd = self.stored.pop(CONSOLE_FDNAME + rec.name, -1)
         if fd >= 0:
             entry.console = Console(asyncio.get_running_loop(), fd, owned=True)
+            if CONSOLE_FDNAME + rec.name not in self.in_store:  # the holder's only
+                self.notify(f"FDSTORE=1\nFDPOLL=0\nFDNAME={CONSOLE_FDNAME}{rec.name}", [fd])
         return entry
 
     # -- main ------------------------------------------------------------------------------
@@ -274,6 +421,18 @@ class Daemon:
         hooks = Hooks(running=self._running, gone=self._gone, console=self._store_console,
                       console_gone=self._unstore_console)
         self.service = service = Service(bus, hooks=hooks, stop_timeout=self.stop_timeout)
+        self.holder = self._connect_holder()
+        if self.holder is not None:
+            try:
+                held = self.holder.take_all()
+            except OSError as e:
+                log.warning("console holder: %s", e)
+                held = {}
+            for name, fd in held.items():  # after a restart the store has them too
+                if name in self.stored:
+                    os.close(fd)
+                else:
+                    self.stored[name] = fd
         adopted = self.adopt_survivors(service)
         await service.start()
         loop = asyncio.get_running_loop()

@@ -427,9 +427,20 @@ class Service:
                 log.warning("container %s: %s", name, msg)
 
         def on_started(c: Container) -> None:
+            try:
+                self._running(entry)
+            except OSError as e:
+                # No state file (/run full?): no restart safety.  Answer what
+                # happens, which is that the container is stopped again.
+                msg = f"container '{name}': saving its state: {e.strerror or e}"
+                if started.done():
+                    log.warning("%s", msg)  # a reboot in place: keep it running
+                    return
+                started.set_exception(ServiceError("Failed", msg))
+                sup.terminate()
+                return
             if not started.done():
                 started.set_result(None)
-            self._running(entry)
 
         sup = Supervisor(spec, console="service", die_with_supervisor=False,
                          handle_signals=False, stop_timeout=self.stop_timeout,
@@ -456,7 +467,10 @@ class Service:
         assert entry.container is not None
         entry.container.on_state = lambda c: self._changed(entry)
         self._add(entry)
-        self._running(entry)
+        try:
+            self._running(entry)
+        except OSError as e:  # its state file is there already, from the last daemon
+            log.warning("container %s: saving its state: %s", entry.name, e)
         self._watch(entry, run)
 
     def _add(self, entry: Entry) -> None:
@@ -470,12 +484,14 @@ class Service:
         return task
 
     def _running(self, entry: Entry) -> None:
+        # Persist first (OSError goes to the caller): nobody hears of a
+        # container whose state file could not be written.
+        self.hooks.running(entry)
         if not entry.announced:
             entry.announced = True
             entry.sent = entry.properties()
             self._signal(MANAGER_PATH, MANAGER_IFACE, "ContainerNew", "so",
                          [entry.name, entry.path])
-        self.hooks.running(entry)
 
     def _exited(self, entry: Entry, task: asyncio.Task[int]) -> None:
         self.tasks.discard(task)
@@ -519,7 +535,10 @@ class Service:
             self._signal(entry.path, PROPERTIES, "PropertiesChanged", "sa{sv}as",
                          [CONTAINER_IFACE, changed, []])
         if "Leader" in changed and entry.state == "running":
-            self.hooks.running(entry)  # a reboot in place: new leader
+            try:
+                self.hooks.running(entry)  # a reboot in place: new leader
+            except OSError as e:
+                log.warning("container %s: saving its state: %s", entry.name, e)
 
     def get(self, name: str) -> Entry:
         entry = self.entries.get(name)
@@ -613,15 +632,22 @@ class Service:
             MANAGER_PATH.startswith(path.rstrip("/") + "/") or path == "/"
 
     def _on_message(self, msg: Message) -> bool:
+        # Every handler sees each message first.  Fds that arrive with a call or
+        # a signal are ours now (received into this process): nothing takes one
+        # over, so each is closed once its message is handled, on every path;
+        # else any peer could fill our fd table.  Replies keep theirs: the
+        # caller awaiting one owns them.
         if msg.message_type == MessageType.SIGNAL:
+            close_received_fds(msg)
             if msg.member == "NameOwnerChanged" and msg.sender == DBUS and \
                     msg.signature == "sss" and not msg.body[2]:
                 self._peer_gone(msg.body[0])
             return False
-        if msg.message_type != MessageType.METHOD_CALL or not self._ours(msg.path or ""):
+        if msg.message_type != MessageType.METHOD_CALL:
             return False
-        if msg.interface == "org.freedesktop.DBus.Peer":
-            return False  # dbus-fast answers Ping and GetMachineId
+        if not self._ours(msg.path or "") or msg.interface == "org.freedesktop.DBus.Peer":
+            close_received_fds(msg)  # dbus-fast answers Ping, GetMachineId, UnknownObject
+            return False
         task = asyncio.ensure_future(self._dispatch(msg))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
@@ -636,6 +662,8 @@ class Service:
             log.exception("%s.%s failed", msg.interface, msg.member)
             reply = Message.new_error(msg, f"{DBUS}.Error.Failed",
                                       f"internal error: {type(e).__name__}: {e}")
+        finally:
+            close_received_fds(msg)
         # Replies own their fds (dups): closed once written, whatever happens meanwhile.
         fds = list(reply.unix_fds)
 
@@ -752,6 +780,14 @@ class Service:
             children = [rest.split("/", 1)[0]]
         node.nodes = [intr.Node(c, is_root=False) for c in children]
         return node.tostring()
+
+
+def close_received_fds(msg: Message) -> None:
+    fds = msg.unix_fds
+    msg.unix_fds = []
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def kill_namespace(leader: int, sig: int) -> None:

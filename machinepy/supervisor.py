@@ -471,8 +471,11 @@ class Supervisor:
         propagate = os.path.join(PROPAGATE_DIR, c.name)
         os.makedirs(propagate, exist_ok=True)
         stack.callback(self._remove_propagate, propagate)
+        # Owned by whatever outlives the other: a daemon's container outlives its
+        # supervisor, and its dir must survive the daemon's stop.
+        owner = os.getpid() if self.die_with_supervisor else c.leader
         with contextlib.suppress(OSError):
-            os.setxattr(propagate, PROPAGATE_OWNER_XATTR, _process_key(os.getpid()))
+            os.setxattr(propagate, PROPAGATE_OWNER_XATTR, _process_key(owner))
         return propagate
 
     def _own_cgroup(self, stack: contextlib.AsyncExitStack) -> None:

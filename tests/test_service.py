@@ -559,6 +559,56 @@ def test_daemon_restart_adopts_running_containers(bus_address: str, tmp_path: Pa
             gone(leader)
 
 
+def _sleepers(arg: str) -> list[int]:
+    """Processes running `sleep ARG` in a pid namespace other than ours."""
+    mine = os.readlink("/proc/self/ns/pid")
+    found = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit() and _cmdline(p) == [b"/bin/sleep", arg.encode(), b""]:
+            with contextlib.suppress(OSError):
+                if os.readlink(p / "ns/pid") != mine:
+                    found.append(int(p.name))
+    return found
+
+
+@pytest.mark.root
+def test_create_fails_when_the_state_file_cannot_be_written(bus_address: str,
+                                                            tmp_path: Path) -> None:
+    # /run full: the reply must say Failed (the container is not restart-safe,
+    # so it is stopped), and no temp file may stay, now or after a restart.
+    state = tmp_path / "state"
+    state.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4k,mode=0755", "mpy-full", str(state)],
+                   check=True)
+    daemon = None
+    try:
+        (state / ".killed-mid-write.tmp").write_text("{")  # an earlier daemon's
+        daemon = start_daemon(bus_address, state)
+        assert os.listdir(state) == []  # swept at start
+        with contextlib.suppress(OSError), open(state / "filler", "wb", buffering=0) as f:
+            while True:
+                f.write(b"\0" * 1024)
+        r = busctl(bus_address, "call", BUS_NAME, MANAGER_PATH, MANAGER_IFACE,
+                   "CreateContainer", "ssasa{sv}", "full", "/", "2", "/bin/sleep", "4242",
+                   "1", "Register", "b", "false")
+        assert r.returncode != 0, r.stdout
+        assert "saving its state" in r.stderr and "No space left" in r.stderr, r.stderr
+        assert os.listdir(state) == ["filler"]
+        r = busctl(bus_address, "call", BUS_NAME, MANAGER_PATH, MANAGER_IFACE, "ListContainers")
+        assert r.stdout.split() == ["a(ssuo)", "0"], r.stdout
+        deadline = time.monotonic() + TIMEOUT
+        while _sleepers("4242") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _sleepers("4242") == []
+    finally:
+        if daemon is not None:
+            daemon.terminate()
+            daemon.wait(TIMEOUT)
+        for pid in _sleepers("4242"):
+            os.kill(pid, signal.SIGKILL)
+        subprocess.run(["umount", str(state)], check=True)
+
+
 # ---------------------------------------------------------------------------
 # The CLI verbs, against a daemon on the private bus
 
@@ -613,14 +663,33 @@ def test_install_units_into_a_root(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     service = (tmp_path / "etc/systemd/system/machinepy.service").read_text()
     assert f"ExecStart={sys.executable} -m machinepy daemon\n" in service
+    # This checkout's code runs, whatever else `import machinepy` would find.
+    repo = Path(__file__).resolve().parent.parent
+    assert f"\nEnvironment=PYTHONPATH={repo}\nExecStart=" in service
     assert "BusName=io.machinepy1" in service and "KillMode=process" in service
     assert "FileDescriptorStoreMax=" in service
+    from machinepy.client import systemd_version
+
+    assert ("FileDescriptorStorePreserve=yes" in service) == ((systemd_version() or 254) >= 254)
     template = (tmp_path / "etc/systemd/system/machinepy@.service").read_text()
     assert "boot /var/lib/machines/%i --machine=%i" in template
     activation = (tmp_path / "usr/share/dbus-1/system-services/io.machinepy1.service")
     assert "SystemdService=machinepy.service" in activation.read_text()
     policy = (tmp_path / "etc/dbus-1/system.d/io.machinepy1.conf").read_text()
     assert 'send_member="ListContainers"' in policy and 'own="io.machinepy1"' in policy
+
+
+def test_fd_store_preserve_only_where_systemd_has_it() -> None:
+    from machinepy.client import UNITS_DIR, for_systemd, systemd_version
+
+    unit = (UNITS_DIR / "machinepy.service").read_text()
+    assert "FileDescriptorStorePreserve=yes\n" in for_systemd(unit, 254)
+    assert "FileDescriptorStorePreserve" not in for_systemd(unit, 252)
+    assert for_systemd(unit, None) == unit
+    assert "FileDescriptorStoreMax=4096\n" in for_systemd(unit, 252)
+    version = systemd_version()
+    if version is not None:  # install-units asks the systemd at hand
+        assert isinstance(version, int) and version > 200
 
 
 @pytest.mark.root
