@@ -20,6 +20,7 @@ from machinepy.spec import (
     OWNERSHIPS,
     ContainerSpec,
     SpecError,
+    one_line,
     parse_landlock_scope,
     parse_mount,
     parse_netif,
@@ -27,6 +28,7 @@ from machinepy.spec import (
     parse_netif_route,
     parse_setenv,
     parse_user_map,
+    quote,
     validate,
 )
 
@@ -71,7 +73,7 @@ def _bool(value: str) -> bool:
         return True
     if low in ("no", "false", "0", "off"):
         return False
-    raise argparse.ArgumentTypeError(f"expected yes or no, got '{value}'")
+    raise argparse.ArgumentTypeError(f"expected yes or no, got {quote(value)}")
 
 
 def _container_options(p: argparse.ArgumentParser, *, boot: bool) -> None:
@@ -158,7 +160,7 @@ def find_init(root: str) -> str:
         path = os.path.join(root, init.lstrip("/"))
         if os.path.lexists(path):
             return init
-    raise SpecError(f"no init found in '{root}' (looked for {', '.join(INIT_CANDIDATES)})")
+    raise SpecError(f"no init found in {quote(root)} (looked for {', '.join(INIT_CANDIDATES)})")
 
 
 def spec_from_args(args: argparse.Namespace) -> ContainerSpec:
@@ -309,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return attach(args.attach)
         spec = validate(spec_from_args(args))
     except (UsageError, SpecError) as e:
-        print(f"machinepy: {e}", file=sys.stderr)
+        print(f"machinepy: {one_line(str(e))}", file=sys.stderr)
         return 2
     if os.geteuid() != 0 and spec.private_users:
         print("machinepy: --private-users=pick must be run as root (it shifts the tree's "

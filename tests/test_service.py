@@ -226,6 +226,11 @@ def test_options_mirror_the_cli(tmp_path: Path) -> None:
     ({"PrivateUsersOwnership": Variant("s", "bind")}, "must be one of auto, map, chown"),
     ({"BaseEnvironment": Variant("as", ["PATH"])}, "'PATH' is not NAME=VALUE"),
     ({"LandlockScope": Variant("s", "files")}, "unknown scope 'files'"),
+    ({"Hostname": Variant("s", "rel_x")}, "invalid hostname 'rel_x'"),
+    ({"Hostname": Variant("s", "-rel")}, "invalid hostname '-rel'"),
+    ({"Hostname": Variant("s", "a\nb")}, r"invalid hostname 'a\\nb'"),
+    ({"NetifRoutes": Variant("as", ["lo=default,via=x"])},
+     r"^invalid --netif-route 'lo=default,via=x': bad gateway 'x'$"),
 ])
 def test_bad_options_are_one_line_errors(options: dict[str, Variant], message: str) -> None:
     with pytest.raises(SpecError, match=message) as e:
@@ -436,6 +441,20 @@ async def test_setup_failure_is_an_error_and_leaves_nothing(client: Client,
     # The name is free again.
     await create(client, "broken", str(busybox_root), ["/bin/true"])
     assert (await client.wait_signal("ContainerRemoved", "broken")).body[2] == 0
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("name", ["-rel", "rel-", "rel_x", "a.-b", "x.", ".host",
+                                  "two\nlines"])
+async def test_names_machined_refuses_are_invalid_arguments(client: Client, name: str) -> None:
+    # Refused up front (machined's own rules), not by RegisterMachine after the
+    # container is made; here registration is off, so only the check can refuse.
+    with pytest.raises(Reply) as e:
+        await create(client, name, "/", ["/bin/true"])
+    assert e.value.name == "io.machinepy1.Error.InvalidArgument", e.value
+    assert "invalid machine name" in e.value.text and e.value.text.isprintable()
+    assert await client.manager("ListContainers") == [[]]
+    assert not any(m.member == "ContainerNew" for m in client.signals)
 
 
 @pytest.mark.root

@@ -25,6 +25,7 @@ from machinepy.spec import (
     parse_netif_route,
     parse_setenv,
     parse_user_map,
+    quote,
     split_escaped,
     validate,
 )
@@ -136,10 +137,63 @@ def test_setenv() -> None:
 
 
 def test_machine_names() -> None:
-    assert check_machine_name("pflask-123") == "pflask-123"
+    for good in ("pflask-123", "a", "a--b", "web.example.org", "A1", "0", "x" * 64):
+        assert check_machine_name(good) == good
     for bad in ("", "a b", "x" * 65, "../x", "a..b", ".x", "box\n"):
         with pytest.raises(SpecError):
             check_machine_name(bad)
+
+
+# What machined (hostname_is_valid(name, 0)) refuses, and so registration would.
+MACHINED_REFUSES = ("-rel", "rel-", "rel_x", "a.-b", "a-.b", "x.", "x.y.", ".host", "é",
+                    "a\nb", "a\tb")
+
+
+@pytest.mark.parametrize("name", MACHINED_REFUSES)
+def test_names_machined_refuses_are_refused_for_machine_and_hostname(name: str) -> None:
+    for kw, what in (({"machine": name}, "invalid machine name"),
+                     ({"hostname": name}, "invalid hostname")):
+        with pytest.raises(SpecError, match=what) as exc:
+            validate(spec(**kw))
+        assert "\n" not in str(exc.value) and "\t" not in str(exc.value)
+
+
+def test_echoed_values_are_quoted_and_one_line() -> None:
+    assert quote("plain") == "'plain'"
+    assert quote("a\nb") == "'a\\nb'"
+    assert quote("it's") == "'it\\'s'"
+    assert quote("\x1b[2J") == "'\\x1b[2J'"
+    with pytest.raises(SpecError) as exc:
+        check_machine_name("evil\nmachinepy: all fine")
+    assert str(exc.value).startswith("invalid machine name 'evil\\nmachinepy: all fine'")
+    for parser, text in ((parse_mount, "tmp:rel\nx"), (parse_netif, "a\x00:b"),
+                         (parse_setenv, "A\n=1"), (parse_user_map, "1:2:3\n"),
+                         (parse_netif_address, "e\n=1.2.3.4/8"),
+                         (parse_netif_route, "eth0=default,via=1.2.3.4\n")):
+        with pytest.raises(SpecError) as exc:
+            parser(text)
+        assert str(exc.value).isprintable(), str(exc.value)
+
+
+@given(st.text(max_size=20))
+def test_quote_is_always_printable_and_reversible(text: str) -> None:
+    q = quote(text)
+    assert q.isprintable()
+    assert q[0] == q[-1] == "'"
+    assert q[1:-1].encode("latin-1", "backslashreplace").decode("unicode_escape") == text
+
+
+def test_netif_route_errors_name_the_option_once() -> None:
+    for bad, why in (("eth0=default,via=bogus", "bad gateway 'bogus'"),
+                     ("eth0=10.0.0.0/8,metric=3", "unknown option 'metric'"),
+                     ("eth0=nowhere", "bad destination 'nowhere'"),
+                     ("eth0=default", "a default route needs via=GATEWAY"),
+                     ("e/th0=10.0.0.0/8", "'e/th0' is not a valid interface name")):
+        with pytest.raises(SpecError) as exc:
+            parse_netif_route(bad)
+        assert str(exc.value) == f"invalid --netif-route {quote(bad)}: {why}" or (
+            str(exc.value).count("invalid --netif-route") == 1 and why in str(exc.value))
+        assert str(exc.value).count("invalid --netif-route") == 1, str(exc.value)
 
 
 def spec(**kw: object) -> ContainerSpec:
