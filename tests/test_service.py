@@ -457,6 +457,42 @@ async def test_names_machined_refuses_are_invalid_arguments(client: Client, name
     assert not any(m.member == "ContainerNew" for m in client.signals)
 
 
+def _open_fds() -> dict[int, str]:
+    fds = {}
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            fds[int(fd)] = os.readlink(f"/proc/self/fd/{fd}")
+    return fds
+
+
+@pytest.mark.root
+@pytest.mark.parametrize(("netifs", "routes"), [
+    (["nosuchdev0:eth0"], []),  # refused by the up-front checks
+    (["veth:lo:host0"], []),
+    (["bridge:lo:eth0"], []),
+    (["macvlan:lo:mv0"], []),  # refused by the kernel, after the sockets are made
+    ([""], ["lo=10.9.0.0/16,via=10.231.99.1"]),  # unreachable gateway, at the last step
+])
+async def test_failed_network_setup_leaks_no_fd_or_namespace(
+        client: Client, netifs: list[str], routes: list[str]) -> None:
+    # Each failed setup used to leave a netlink socket open in the service,
+    # bound to the dead container's network namespace (keeping it alive).
+    opts = {"Netifs": Variant("as", netifs), "NetifRoutes": Variant("as", routes)}
+
+    async def fail() -> None:
+        with pytest.raises(Reply) as e:
+            await create(client, "badnet", "/", ["/bin/true"], **opts)
+        assert e.value.name == "io.machinepy1.Error.Failed", e.value
+
+    await fail()  # the first call may import and cache what later calls reuse
+    before = _open_fds()
+    for _ in range(20):
+        await fail()
+    leaked = {fd: what for fd, what in _open_fds().items() if before.get(fd) != what}
+    assert not leaked
+    assert await client.manager("ListContainers") == [[]]
+
+
 @pytest.mark.root
 async def test_empty_name_picks_one(client: Client) -> None:
     path = await create(client, "", "/", ["/bin/sleep", "1000"])
