@@ -163,6 +163,44 @@ def find_init(root: str) -> str:
     raise SpecError(f"no init found in {quote(root)} (looked for {', '.join(INIT_CANDIDATES)})")
 
 
+def check_contradictions(args: argparse.Namespace) -> None:
+    """Options that ask for opposite things; the D-Bus options come through here too.
+
+    Caught on the parsed options because the spec no longer shows some of them:
+    `-N -n` would leave a spec without a network namespace and without netifs,
+    and run on the host's network.
+    """
+    def given(dest: str) -> bool:
+        return bool(getattr(args, dest, None))
+
+    if given("no_net"):
+        for dest, flag in (("netif", "--netif"), ("netif_address", "--netif-address"),
+                           ("netif_route", "--netif-route")):
+            if given(dest):
+                raise SpecError(f"--no-netns contradicts {flag} (a private network)")
+    elif not given("netif"):
+        for dest, flag in (("netif_address", "--netif-address"), ("netif_route", "--netif-route")):
+            if given(dest):
+                raise SpecError(f"{flag} needs --netif (a private network)")
+    if given("no_user"):
+        for dest, flag in (("user_map", "--user-map"), ("private_users", "--private-users=pick")):
+            if given(dest) and getattr(args, dest) != "no":
+                raise SpecError(f"--no-userns contradicts {flag}")
+    if args.verb == "boot":
+        # Its init must be PID 1, and sets the hostname: in the host's UTS
+        # namespace that would rename the host.
+        for dest, flag, why in (("no_pid", "--no-pidns", "its init runs as PID 1"),
+                                ("no_uts", "--no-utsns", "its init sets the hostname")):
+            if given(dest):
+                raise SpecError(f"boot contradicts {flag} ({why})")
+    elif given("notify_ready"):
+        raise SpecError("--notify-ready needs boot (only a booted init sends READY=1)")
+    if not args.register:
+        for dest, flag in (("property", "--property"), ("cgroup", "--cgroup")):
+            if given(dest):
+                raise SpecError(f"{flag} sets the machine's scope: it needs --register=yes")
+
+
 def spec_from_args(args: argparse.Namespace) -> ContainerSpec:
     props = []
     if args.cgroup or args.property:
@@ -186,7 +224,7 @@ def spec_from_args(args: argparse.Namespace) -> ContainerSpec:
         caps = parse_caps(args.caps)
     else:
         caps = ()
-    return ContainerSpec(
+    spec = ContainerSpec(
         command=command,
         root=root,
         chdir=getattr(args, "chdir", None),
@@ -212,6 +250,8 @@ def spec_from_args(args: argparse.Namespace) -> ContainerSpec:
         ownership=args.private_users_ownership,
         landlock_scope=parse_landlock_scope(args.landlock_scope),
     )
+    check_contradictions(args)  # after the parsers: a malformed value is named first
+    return spec
 
 
 def _needs_asyncio(spec: ContainerSpec) -> bool:
@@ -282,6 +322,19 @@ def _run_detached(spec: ContainerSpec) -> int:
                       on_started=lambda c: send(f"OK {c.name}"))
 
 
+def _attach_alone(parser: Parser, args: argparse.Namespace) -> None:
+    """--attach joins a running container: an option for a new one contradicts it
+    (--register=no, which scripts pass to every run, is harmless: nothing registers)."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for action in sub.choices["run"]._actions:
+        if action.dest in ("attach", "help", "register") or not action.option_strings:
+            continue
+        if getattr(args, action.dest) != action.default:
+            raise UsageError(f"--attach contradicts {action.option_strings[-1]}")
+    if args.command:
+        raise UsageError("--attach takes no command")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in CLIENT_VERBS:
@@ -306,6 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verb is None:
             raise UsageError("no command given (try 'machinepy run --help')")
         if args.verb == "run" and args.attach:
+            _attach_alone(parser, args)
             from machinepy.attach import attach
 
             return attach(args.attach)

@@ -380,6 +380,12 @@ def validate(spec: ContainerSpec) -> ContainerSpec:
         raise SpecError("--ephemeral needs --chroot (it discards changes to the container's root)")
     if spec.boot and spec.root is None:
         raise SpecError("boot needs a root directory")
+    if spec.boot:
+        for value, flag in ((spec.user, "--user"), (spec.chdir, "--chdir"),
+                            (spec.keepenv, "--keepenv")):
+            if value:
+                raise SpecError(f"boot takes no {flag} (its init runs as root, in /, "
+                                "with an environment of its own)")
     if spec.chdir is not None and not spec.chdir.startswith("/"):
         raise SpecError(f"--chdir {quote(spec.chdir)} is not absolute")
     if "mount" not in spec.namespaces and (spec.root or spec.mounts or spec.ephemeral):

@@ -78,6 +78,49 @@ def test_usage_errors_are_one_line(argv: list[str], fragment: str,
     assert err.count("\n") == 1 and fragment in err, err
 
 
+@pytest.fixture
+def init_root(tmp_path: Path) -> Path:
+    (tmp_path / "sbin").mkdir()
+    (tmp_path / "sbin/init").symlink_to("/bin/busybox")
+    return tmp_path
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["run", "-n", "-N", "true"], "--no-netns contradicts --netif"),
+    (["run", "-N", "-n", "veth:a:b", "true"], "--no-netns contradicts --netif"),
+    (["run", "-N", "--netif-address", "lo=10.0.0.1/8", "true"],
+     "--no-netns contradicts --netif-address"),
+    (["run", "-N", "--netif-route", "lo=10.0.0.0/8", "true"],
+     "--no-netns contradicts --netif-route"),
+    (["run", "--netif-address", "lo=10.0.0.1/8", "true"], "--netif-address needs --netif"),
+    (["run", "--netif-route", "lo=10.0.0.0/8", "true"], "--netif-route needs --netif"),
+    (["run", "-U", "-e", "0:100000:65536", "true"], "--no-userns contradicts --user-map"),
+    (["run", "-U", "-r", "/", "--private-users=pick", "true"],
+     "--no-userns contradicts --private-users=pick"),
+    (["run", "-e", "0:100000:65536", "--private-users=pick", "-r", "/tmp", "true"],
+     "drop --user-map"),
+    (["run", "-M", "-r", "/tmp", "true"], "--no-mountns cannot be combined"),
+    (["run", "-M", "-m", "tmp:/x", "true"], "--no-mountns cannot be combined"),
+    (["run", "-H", "-t", "box", "true"], "--hostname needs a UTS namespace"),
+    (["run", "--private-users-ownership=chown", "true"], "needs --private-users=pick"),
+    (["run", "--notify-ready", "true"], "--notify-ready needs boot"),
+    (["run", "--register=no", "-p", "CPUQuota=20%", "true"], "--property sets the machine's scope"),
+    (["run", "--register=no", "-g", "memory", "true"], "--cgroup sets the machine's scope"),
+    (["run", "-a", "box", "-d"], "--attach contradicts --detach"),
+    (["run", "-a", "box", "-r", "/srv"], "--attach contradicts --chroot"),
+    (["run", "-a", "box", "--", "ls"], "--attach takes no command"),
+    (["boot", "{root}", "-P"], "boot contradicts --no-pidns"),
+    (["boot", "{root}", "-H"], "boot contradicts --no-utsns"),
+])
+def test_contradictions_are_one_line_usage_errors(argv: list[str], fragment: str,
+                                                  init_root: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    # Refused while parsing: nothing runs, nothing is created.
+    assert main([a.format(root=init_root) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and fragment in err, err
+
+
 @pytest.mark.parametrize("argv", [
     ["run", "-r", "/srv", "-w", "--machine", "m", "-p", "CPUQuota=20%", "--", "sh", "-c", "x"],
     ["run", "--netif", "--netif-address", "eth0=10.0.0.2/24", "-s", "A=1", "true"],

@@ -204,7 +204,6 @@ def test_options_mirror_the_cli(tmp_path: Path) -> None:
         "UserMap": Variant("as", ["0:100000:65536"]),
         "Properties": Variant("as", ["MemoryMax=64M"]),
         "NoNamespaces": Variant("as", ["ipc"]),
-        "Register": Variant("b", False),
     })
     assert spec.machine == "box" and spec.root == str(tmp_path)
     assert spec.hostname == "inbox"
@@ -212,7 +211,7 @@ def test_options_mirror_the_cli(tmp_path: Path) -> None:
     assert spec.setenv == (("A", "1,2"), ("B", "x"))  # one item per entry, commas kept
     assert {"net", "user"} <= spec.namespaces and "ipc" not in spec.namespaces
     assert spec.properties[0].name == "MemoryMax"
-    assert spec.register is False and spec.machine_id is not None
+    assert spec.register is True and spec.machine_id is not None
 
 
 @pytest.mark.parametrize(("options", "message"), [
@@ -226,6 +225,13 @@ def test_options_mirror_the_cli(tmp_path: Path) -> None:
     ({"PrivateUsersOwnership": Variant("s", "bind")}, "must be one of auto, map, chown"),
     ({"BaseEnvironment": Variant("as", ["PATH"])}, "'PATH' is not NAME=VALUE"),
     ({"LandlockScope": Variant("s", "files")}, "unknown scope 'files'"),
+    ({"Netifs": Variant("as", [""]), "NoNamespaces": Variant("as", ["net"])},
+     "--no-netns contradicts --netif"),
+    ({"NetifAddresses": Variant("as", ["lo=10.0.0.1/8"])}, "--netif-address needs --netif"),
+    ({"UserMap": Variant("as", ["0:100000:65536"]), "NoNamespaces": Variant("as", ["user"])},
+     "--no-userns contradicts --user-map"),
+    ({"Properties": Variant("as", ["MemoryMax=64M"]), "Register": Variant("b", False)},
+     "needs --register=yes"),
     ({"Hostname": Variant("s", "rel_x")}, "invalid hostname 'rel_x'"),
     ({"Hostname": Variant("s", "-rel")}, "invalid hostname '-rel'"),
     ({"Hostname": Variant("s", "a\nb")}, r"invalid hostname 'a\\nb'"),
@@ -235,6 +241,22 @@ def test_options_mirror_the_cli(tmp_path: Path) -> None:
 def test_bad_options_are_one_line_errors(options: dict[str, Variant], message: str) -> None:
     with pytest.raises(SpecError, match=message) as e:
         spec_from_options("x", "", ["true"], options)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"NoNamespaces": Variant("as", ["pid"])}, "boot contradicts --no-pidns"),
+    ({"NoNamespaces": Variant("as", ["uts"])}, "boot contradicts --no-utsns"),
+    ({"User": Variant("s", "root")}, "boot takes no --user"),
+    ({"WorkingDirectory": Variant("s", "/")}, "boot takes no --chdir"),
+    ({"KeepEnvironment": Variant("b", True)}, "boot takes no --keepenv"),
+])
+def test_boot_contradictions_are_one_line_errors(tmp_path: Path, options: dict[str, Variant],
+                                                 message: str) -> None:
+    (tmp_path / "sbin").mkdir()
+    (tmp_path / "sbin/init").symlink_to("/bin/busybox")
+    with pytest.raises(SpecError, match=message) as e:
+        spec_from_options("x", str(tmp_path), [], {"Boot": Variant("b", True), **options})
     assert "\n" not in str(e.value)
 
 
