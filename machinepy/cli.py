@@ -27,6 +27,8 @@ from machinepy.spec import (
     parse_netif_address,
     parse_netif_route,
     parse_setenv,
+    parse_size,
+    parse_tmpfs,
     parse_user_map,
     quote,
     validate,
@@ -90,6 +92,11 @@ def _container_options(p: argparse.ArgumentParser, *, boot: bool) -> None:
                    help="set environment variables inside")
     p.add_argument("-w", "--ephemeral", action="store_true",
                    help="run on a throw-away overlay of the root; changes vanish at exit")
+    p.add_argument("--ephemeral-size", metavar="SIZE",
+                   help="bound the throw-away layer: bytes[kMGT] or N%% of RAM (default 25%%)")
+    p.add_argument("--tmpfs", action="append", default=[], metavar="PATH[:OPTIONS]",
+                   help="a tmpfs at PATH; OPTIONS: size=, nr_inodes=, mode= (default "
+                   "size=10%%,nr_inodes=400k; on /tmp, /run or /dev/shm it replaces ours)")
     p.add_argument("-d", "--detach", action="store_true", help="run in the background")
     p.add_argument("-n", "--netif", action="append", nargs="?", const="", default=[],
                    metavar="SPEC", help="own network namespace; optionally add an interface: "
@@ -229,11 +236,13 @@ def spec_from_args(args: argparse.Namespace) -> ContainerSpec:
         root=root,
         chdir=getattr(args, "chdir", None),
         hostname=args.hostname,
-        mounts=tuple(parse_mount(m) for m in args.mount),
+        mounts=(*(parse_mount(m) for m in args.mount), *(parse_tmpfs(t) for t in args.tmpfs)),
         user=getattr(args, "user", None),
         setenv=setenv,
         keepenv=getattr(args, "keepenv", False),
         ephemeral=args.ephemeral,
+        ephemeral_size=(None if args.ephemeral_size is None
+                        else parse_size(args.ephemeral_size, "--ephemeral-size")),
         detach=args.detach,
         boot=args.verb == "boot",
         namespaces=_namespaces(args),  # type: ignore[arg-type]

@@ -145,6 +145,8 @@ OPTIONS = {
     "Mounts": Option("as", "mount"),
     "Hostname": Option("s", "hostname"),
     "Ephemeral": Option("b", "ephemeral"),
+    "EphemeralSize": Option("s", "ephemeral_size"),  # as --ephemeral-size
+    "Tmpfs": Option("as", "tmpfs"),  # PATH[:OPTIONS] entries, as --tmpfs
     "Environment": Option("as", "setenv"),
     "KeepEnvironment": Option("b", "keepenv"),
     # NAME=VALUE entries a host-root (or KeepEnvironment) container starts from

@@ -86,6 +86,8 @@ class MountSpec(NamedTuple):
     dest: str
     source: str | None = None  # host path (bind) or upper dir (overlay)
     work: str | None = None  # overlay work dir
+    # tmp: the user's tmpfs options, checked (mounts.py fills in the defaults)
+    options: str | None = None
 
     @property
     def read_only(self) -> bool:
@@ -101,6 +103,9 @@ def parse_mount(spec: str) -> MountSpec:
             f"invalid --mount {quote(spec)}: unknown mount type {quote(kind)} "
             "(expected bind, bind-ro, tmp or overlay)"
         )
+    if kind == "tmp" and len(args) == 2:  # tmp:PATH:OPTIONS
+        return MountSpec("tmp", dest=_absolute(args[0], "--mount", spec),
+                         options=parse_tmpfs_options(args[1], "--mount", spec))
     if len(args) != want:
         raise SpecError(
             f"invalid --mount {quote(spec)}: {kind} takes {want} path(s), got {len(args)}")
@@ -111,6 +116,53 @@ def parse_mount(spec: str) -> MountSpec:
         upper, dest, work = paths
         return MountSpec("overlay", dest=dest, source=upper, work=work)
     return MountSpec(kind, dest=paths[1], source=paths[0])  # type: ignore[arg-type]
+
+
+def parse_tmpfs(spec: str) -> MountSpec:
+    """--tmpfs PATH[:OPTIONS], as nspawn's (OPTIONS: size=, nr_inodes=, mode=)."""
+    path, sep, options = spec.partition(":")
+    dest = _absolute(path, "--tmpfs", spec)
+    return MountSpec("tmp", dest=dest,
+                     options=parse_tmpfs_options(options, "--tmpfs", spec) if sep else None)
+
+
+# Sizes as the kernel reads them (memparse), bounded: 0 means no limit to tmpfs.
+SIZE_RE = r"([1-9][0-9]*)([kKmMgGtT]?)|([1-9][0-9]?|100)%"
+INODES_RE = r"[1-9][0-9]*[kKmMgG]?"
+
+
+def parse_size(text: str, what: str, spec: str | None = None) -> str:
+    """A tmpfs size: bytes with an optional k/M/G/T suffix, or 1-100% of RAM."""
+    if not re.fullmatch(SIZE_RE, text, re.ASCII):
+        given = f" {quote(spec)}" if spec is not None else ""
+        raise SpecError(
+            f"invalid {what}{given}: size {quote(text)} is not a number of bytes with an "
+            "optional k, M, G or T suffix, or 1% to 100% of RAM (0 would be unbounded)")
+    return text
+
+
+def parse_tmpfs_options(text: str, what: str, spec: str) -> str:
+    """size=SIZE,nr_inodes=N,mode=OCTAL, each at most once; returned as given."""
+    seen: set[str] = set()
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if key in seen:
+            raise SpecError(f"invalid {what} {quote(spec)}: {quote(key)} given twice")
+        seen.add(key)
+        if key == "size" and sep:
+            parse_size(value, what, spec)
+        elif key == "nr_inodes" and sep:
+            if not re.fullmatch(INODES_RE, value, re.ASCII):
+                raise SpecError(f"invalid {what} {quote(spec)}: nr_inodes {quote(value)} is "
+                                "not a positive number with an optional k, M or G suffix")
+        elif key == "mode" and sep:
+            if not re.fullmatch(r"[0-7]{1,4}", value, re.ASCII):
+                raise SpecError(f"invalid {what} {quote(spec)}: mode {quote(value)} is not "
+                                "an octal mode")
+        else:
+            raise SpecError(f"invalid {what} {quote(spec)}: unknown tmpfs option {quote(item)} "
+                            "(expected size=, nr_inodes= or mode=)")
+    return text
 
 
 # ---------------------------------------------------------------------------
@@ -340,6 +392,7 @@ class ContainerSpec(NamedTuple):
     # The daemon gets the caller's here, so `run --detach` through it keeps it.
     base_env: tuple[tuple[str, str], ...] | None = None
     ephemeral: bool = False
+    ephemeral_size: str | None = None  # the upper layer's tmpfs size; None: mounts.py's
     detach: bool = False
     boot: bool = False
     namespaces: frozenset[Namespace] = frozenset({"mount", "pid", "ipc", "uts", "cgroup"})
@@ -378,6 +431,8 @@ def validate(spec: ContainerSpec) -> ContainerSpec:
             spec = spec.replace(root=None)
     if spec.ephemeral and spec.root is None:
         raise SpecError("--ephemeral needs --chroot (it discards changes to the container's root)")
+    if spec.ephemeral_size is not None and not spec.ephemeral:
+        raise SpecError("--ephemeral-size needs --ephemeral")
     if spec.boot and spec.root is None:
         raise SpecError("boot needs a root directory")
     if spec.boot:

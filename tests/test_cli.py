@@ -30,6 +30,14 @@ def test_pflask_short_options() -> None:
     assert {"net", "user"} <= spec.namespaces  # type: ignore[attr-defined]
 
 
+def test_tmpfs_and_ephemeral_size_options() -> None:
+    spec = parse("run", "-r", "/srv", "-w", "--ephemeral-size=2G", "--tmpfs", "/tmp:size=1m",
+                 "--tmpfs=/scratch", "-m", "tmp:/t:mode=700", "true")
+    assert spec.ephemeral_size == "2G"  # type: ignore[attr-defined]
+    assert [(m.dest, m.options) for m in spec.mounts] == [  # type: ignore[attr-defined]
+        ("/t", "mode=700"), ("/tmp", "size=1m"), ("/scratch", None)]
+
+
 def test_namespace_flags() -> None:
     spec = parse("run", "-M", "-I", "-H", "-P", "-U", "-N", "true")
     assert spec.namespaces == frozenset({"cgroup"})  # type: ignore[attr-defined]
@@ -70,6 +78,9 @@ def test_boot_options_after_rootfs_and_init_args(tmp_path: Path,
     (["run", "--netif-route", "eth0=default,via=x", "true"],
      "invalid --netif-route 'eth0=default,via=x': bad gateway 'x'"),
     (["run", "--bogus\nline", "true"], "unrecognized arguments: --bogus\\nline"),
+    (["run", "--tmpfs", "/tmp:size=0", "true"], "invalid --tmpfs '/tmp:size=0': size '0'"),
+    (["run", "-w", "-r", "/tmp", "--ephemeral-size=lots", "true"],
+     "invalid --ephemeral-size: size 'lots'"),
 ])
 def test_usage_errors_are_one_line(argv: list[str], fragment: str,
                                    capsys: pytest.CaptureFixture[str]) -> None:
@@ -106,6 +117,7 @@ def init_root(tmp_path: Path) -> Path:
     (["run", "--notify-ready", "true"], "--notify-ready needs boot"),
     (["run", "--register=no", "-p", "CPUQuota=20%", "true"], "--property sets the machine's scope"),
     (["run", "--register=no", "-g", "memory", "true"], "--cgroup sets the machine's scope"),
+    (["run", "--ephemeral-size=1G", "-r", "/tmp", "true"], "--ephemeral-size needs --ephemeral"),
     (["run", "-a", "box", "-d"], "--attach contradicts --detach"),
     (["run", "-a", "box", "-r", "/srv"], "--attach contradicts --chroot"),
     (["run", "-a", "box", "--", "ls"], "--attach takes no command"),

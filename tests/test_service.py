@@ -33,7 +33,7 @@ from machinepy.service import (
     container_path,
     spec_from_options,
 )
-from machinepy.spec import SpecError
+from machinepy.spec import MountSpec, SpecError
 
 BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
  "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
@@ -199,6 +199,9 @@ def test_options_mirror_the_cli(tmp_path: Path) -> None:
     spec = spec_from_options("box", str(tmp_path), ["/bin/sh", "-c", "true"], {
         "Hostname": Variant("s", "inbox"),
         "Mounts": Variant("as", [f"bind-ro:{tmp_path}:/data", "tmp:/scratch"]),
+        "Tmpfs": Variant("as", ["/tmp:size=16M"]),
+        "Ephemeral": Variant("b", True),
+        "EphemeralSize": Variant("s", "1G"),
         "Environment": Variant("as", ["A=1,2", "B=x"]),
         "Netifs": Variant("as", [""]),
         "UserMap": Variant("as", ["0:100000:65536"]),
@@ -207,7 +210,9 @@ def test_options_mirror_the_cli(tmp_path: Path) -> None:
     })
     assert spec.machine == "box" and spec.root == str(tmp_path)
     assert spec.hostname == "inbox"
-    assert [m.kind for m in spec.mounts] == ["bind-ro", "tmp"]
+    assert [m.kind for m in spec.mounts] == ["bind-ro", "tmp", "tmp"]
+    assert spec.mounts[2] == MountSpec("tmp", "/tmp", options="size=16M")
+    assert spec.ephemeral and spec.ephemeral_size == "1G"
     assert spec.setenv == (("A", "1,2"), ("B", "x"))  # one item per entry, commas kept
     assert {"net", "user"} <= spec.namespaces and "ipc" not in spec.namespaces
     assert spec.properties[0].name == "MemoryMax"
@@ -232,6 +237,9 @@ def test_options_mirror_the_cli(tmp_path: Path) -> None:
      "--no-userns contradicts --user-map"),
     ({"Properties": Variant("as", ["MemoryMax=64M"]), "Register": Variant("b", False)},
      "needs --register=yes"),
+    ({"Tmpfs": Variant("as", ["/tmp:size=0"])}, "invalid --tmpfs '/tmp:size=0': size '0'"),
+    ({"EphemeralSize": Variant("s", "1G")}, "--ephemeral-size needs --ephemeral"),
+    ({"EphemeralSize": Variant("s", "")}, "invalid --ephemeral-size: size ''"),
     ({"Hostname": Variant("s", "rel_x")}, "invalid hostname 'rel_x'"),
     ({"Hostname": Variant("s", "-rel")}, "invalid hostname '-rel'"),
     ({"Hostname": Variant("s", "a\nb")}, r"invalid hostname 'a\\nb'"),

@@ -24,6 +24,8 @@ from machinepy.spec import (
     parse_netif_address,
     parse_netif_route,
     parse_setenv,
+    parse_size,
+    parse_tmpfs,
     parse_user_map,
     quote,
     split_escaped,
@@ -60,6 +62,45 @@ def test_escaped_colons_and_commas_in_paths(parts: list[str]) -> None:
     assert m.source == odd
 
 
+def test_tmpfs_specs() -> None:
+    assert parse_tmpfs("/scratch") == MountSpec("tmp", dest="/scratch")
+    assert parse_tmpfs("/x:size=64M,mode=700") == MountSpec("tmp", "/x",
+                                                           options="size=64M,mode=700")
+    assert parse_tmpfs("/x:nr_inodes=10k,size=5%").options == "nr_inodes=10k,size=5%"
+    assert parse_mount("tmp:/x:size=1g") == MountSpec("tmp", "/x", options="size=1g")
+    assert parse_size("100%", "--ephemeral-size") == "100%"
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("/x:size=0", "size '0' is not a number"),  # 0: no limit at all
+    ("/x:size=0%", "size '0%'"),
+    ("/x:size=101%", "size '101%'"),
+    ("/x:size=lots", "size 'lots'"),
+    ("/x:size=-1", "size '-1'"),
+    ("/x:size=1m\n", "size '1m\\n'"),
+    ("/x:nr_inodes=0", "nr_inodes '0'"),
+    ("/x:mode=999", "mode '999' is not an octal mode"),
+    ("/x:size=1m,size=2m", "'size' given twice"),
+    ("/x:uid=0", "unknown tmpfs option 'uid=0'"),
+    ("/x:size", "unknown tmpfs option 'size'"),
+    ("/x:", "unknown tmpfs option ''"),
+    ("rel:size=1m", "'rel' is not absolute"),
+])
+def test_bad_tmpfs(text: str, fragment: str) -> None:
+    with pytest.raises(SpecError) as exc:
+        parse_tmpfs(text)
+    assert str(exc.value).startswith(f"invalid --tmpfs {quote(text)}: ")
+    assert fragment in str(exc.value) and str(exc.value).isprintable(), str(exc.value)
+
+
+def test_ephemeral_size() -> None:
+    for bad in ("0", "", "1.5G", "200%", "1 G"):
+        with pytest.raises(SpecError, match="invalid --ephemeral-size: size"):
+            parse_size(bad, "--ephemeral-size")
+    with pytest.raises(SpecError, match="--ephemeral-size needs --ephemeral"):
+        validate(ContainerSpec(command=("true",), root="/", ephemeral_size="1G"))
+
+
 def test_tmp_and_overlay() -> None:
     assert parse_mount("tmp:/scratch") == MountSpec("tmp", dest="/scratch")
     assert parse_mount("overlay:/up:/usr:/work") == MountSpec(
@@ -70,7 +111,9 @@ def test_tmp_and_overlay() -> None:
     ("nfs:/a:/b", "unknown mount type 'nfs'"),
     ("bind:relative:/b", "'relative' is not absolute"),
     ("bind:/a", "bind takes 2 path(s), got 1"),
-    ("tmp:/a:/b", "tmp takes 1 path(s), got 2"),
+    ("tmp:/a:/b", "unknown tmpfs option '/b'"),
+    ("tmp:/a:/b:/c", "tmp takes 1 path(s), got 3"),
+    ("tmp:/a:size=0", "size '0' is not a number"),
     ("overlay:/a:/b", "overlay takes 3 path(s)"),
     ("bind:/a:/b\\", "trailing backslash"),
 ])
