@@ -525,7 +525,7 @@ class Service:
     def get(self, name: str) -> Entry:
         entry = self.entries.get(name)
         if entry is None:
-            raise ServiceError("NoSuchContainer", f"no container '{name}'")
+            raise ServiceError("NoSuchContainer", f"no container {quote(name)}")
         return entry
 
     @staticmethod
@@ -556,7 +556,7 @@ class Service:
 
     def kill(self, entry: Entry, whom: str, sig: int) -> None:
         if whom not in ("leader", "all", ""):
-            raise ServiceError("InvalidArgument", f"invalid whom '{whom}' (leader or all)")
+            raise ServiceError("InvalidArgument", f"invalid whom {quote(whom)} (leader or all)")
         if not 1 <= sig < signal.NSIG:
             raise ServiceError("InvalidArgument", f"invalid signal {sig}")
         control = self._control(entry)

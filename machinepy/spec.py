@@ -444,7 +444,8 @@ def validate(spec: ContainerSpec) -> ContainerSpec:
     if spec.chdir is not None and not spec.chdir.startswith("/"):
         raise SpecError(f"--chdir {quote(spec.chdir)} is not absolute")
     if "mount" not in spec.namespaces and (spec.root or spec.mounts or spec.ephemeral):
-        raise SpecError("--no-mountns cannot be combined with --chroot, --mount or --ephemeral")
+        raise SpecError(
+            "--no-mountns cannot be combined with --chroot, --mount, --tmpfs or --ephemeral")
     if spec.hostname is not None and "uts" not in spec.namespaces:
         raise SpecError("--hostname needs a UTS namespace (drop --no-utsns)")
     if (spec.netifs or spec.addresses or spec.routes) and "net" not in spec.namespaces:

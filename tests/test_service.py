@@ -317,6 +317,8 @@ async def test_tree_introspection_and_manager_properties(bus_address: str,
 @pytest.mark.parametrize(("call", "error"), [
     ((MANAGER_PATH, MANAGER_IFACE, "GetContainer", "s", ["nope"]),
      "io.machinepy1.Error.NoSuchContainer"),
+    ((MANAGER_PATH, MANAGER_IFACE, "GetContainer", "s", ["two\nlines"]),
+     "io.machinepy1.Error.NoSuchContainer"),
     ((MANAGER_PATH, MANAGER_IFACE, "GetContainer", "i", [1]),
      "org.freedesktop.DBus.Error.InvalidArgs"),
     ((MANAGER_PATH, MANAGER_IFACE, "Frobnicate", "", []),
