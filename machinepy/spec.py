@@ -119,11 +119,14 @@ def parse_mount(spec: str) -> MountSpec:
 
 
 def parse_tmpfs(spec: str) -> MountSpec:
-    """--tmpfs PATH[:OPTIONS], as nspawn's (OPTIONS: size=, nr_inodes=, mode=)."""
-    path, sep, options = spec.partition(":")
-    dest = _absolute(path, "--tmpfs", spec)
-    return MountSpec("tmp", dest=dest,
-                     options=parse_tmpfs_options(options, "--tmpfs", spec) if sep else None)
+    """--tmpfs PATH[:OPTIONS], as nspawn's (OPTIONS: size=, nr_inodes=, mode=);
+    `\\:` escapes a colon in PATH, as in --mount."""
+    fields = split_escaped(spec, ":")
+    if len(fields) > 2:
+        raise SpecError(f"invalid --tmpfs {quote(spec)}: expected PATH[:OPTIONS]")
+    dest = _absolute(fields[0], "--tmpfs", spec)
+    options = parse_tmpfs_options(fields[1], "--tmpfs", spec) if len(fields) == 2 else None
+    return MountSpec("tmp", dest=dest, options=options)
 
 
 # Sizes as the kernel reads them (memparse), bounded: 0 means no limit to tmpfs.

@@ -67,6 +67,7 @@ def test_tmpfs_specs() -> None:
     assert parse_tmpfs("/x:size=64M,mode=700") == MountSpec("tmp", "/x",
                                                            options="size=64M,mode=700")
     assert parse_tmpfs("/x:nr_inodes=10k,size=5%").options == "nr_inodes=10k,size=5%"
+    assert parse_tmpfs("/a\\:b:size=1m") == MountSpec("tmp", "/a:b", options="size=1m")
     assert parse_mount("tmp:/x:size=1g") == MountSpec("tmp", "/x", options="size=1g")
     assert parse_size("100%", "--ephemeral-size") == "100%"
 
@@ -85,6 +86,7 @@ def test_tmpfs_specs() -> None:
     ("/x:size", "unknown tmpfs option 'size'"),
     ("/x:", "unknown tmpfs option ''"),
     ("rel:size=1m", "'rel' is not absolute"),
+    ("/x:size=1m:mode=700", "expected PATH[:OPTIONS]"),
 ])
 def test_bad_tmpfs(text: str, fragment: str) -> None:
     with pytest.raises(SpecError) as exc:
@@ -133,7 +135,7 @@ def test_mount_parser_fails_only_with_spec_error(text: str) -> None:
 @given(st.text(max_size=40))
 def test_other_parsers_fail_only_with_spec_error(text: str) -> None:
     for parser in (parse_netif, parse_netif_address, parse_netif_route, parse_setenv,
-                   parse_user_map):
+                   parse_user_map, parse_tmpfs):
         with contextlib.suppress(SpecError):
             parser(text)
 
