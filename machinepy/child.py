@@ -61,6 +61,7 @@ class ChildConfig(NamedTuple):
     # A detached (idmapped) mount of the root, attached instead of binding ROOT.
     root_tree: int | None = None
     ephemeral: bool = False
+    staging: str = "mode=755,size=4m"  # the staging tmpfs's data (mounts.staging_data)
     plan: Sequence[MountOp] = ()
     hostname: str | None = None
     chdir: str | None = None
@@ -288,7 +289,7 @@ def _open_root(root: str) -> int:
 def _enter_root(cfg: ChildConfig, host_root: int, plan: Sequence[MountOp],
                 host_fds: Sequence[int]) -> None:
     _step("mount staging tmpfs", linux.mount, "tmpfs", STAGING, "tmpfs", linux.MS_NOSUID,
-          "mode=755")
+          cfg.staging)
     _step("mkdir", os.mkdir, STAGED_ROOT, 0o755)
     if cfg.root_tree is not None:
         # The supervisor's idmapped copy of the root (--private-users=pick).

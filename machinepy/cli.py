@@ -20,13 +20,17 @@ from machinepy.spec import (
     OWNERSHIPS,
     ContainerSpec,
     SpecError,
+    one_line,
     parse_landlock_scope,
     parse_mount,
     parse_netif,
     parse_netif_address,
     parse_netif_route,
     parse_setenv,
+    parse_size,
+    parse_tmpfs,
     parse_user_map,
+    quote,
     validate,
 )
 
@@ -71,7 +75,7 @@ def _bool(value: str) -> bool:
         return True
     if low in ("no", "false", "0", "off"):
         return False
-    raise argparse.ArgumentTypeError(f"expected yes or no, got '{value}'")
+    raise argparse.ArgumentTypeError(f"expected yes or no, got {quote(value)}")
 
 
 def _container_options(p: argparse.ArgumentParser, *, boot: bool) -> None:
@@ -88,6 +92,11 @@ def _container_options(p: argparse.ArgumentParser, *, boot: bool) -> None:
                    help="set environment variables inside")
     p.add_argument("-w", "--ephemeral", action="store_true",
                    help="run on a throw-away overlay of the root; changes vanish at exit")
+    p.add_argument("--ephemeral-size", metavar="SIZE",
+                   help="bound the throw-away layer: bytes[kMGT] or N%% of RAM (default 25%%)")
+    p.add_argument("--tmpfs", action="append", default=[], metavar="PATH[:OPTIONS]",
+                   help="a tmpfs at PATH; OPTIONS: size=, nr_inodes=, mode= (default "
+                   "size=10%%,nr_inodes=400k; on /tmp, /run or /dev/shm it replaces ours)")
     p.add_argument("-d", "--detach", action="store_true", help="run in the background")
     p.add_argument("-n", "--netif", action="append", nargs="?", const="", default=[],
                    metavar="SPEC", help="own network namespace; optionally add an interface: "
@@ -163,7 +172,45 @@ def find_init(root: str) -> str:
         path = os.path.join(root, init.lstrip("/"))
         if os.path.lexists(path):
             return init
-    raise SpecError(f"no init found in '{root}' (looked for {', '.join(INIT_CANDIDATES)})")
+    raise SpecError(f"no init found in {quote(root)} (looked for {', '.join(INIT_CANDIDATES)})")
+
+
+def check_contradictions(args: argparse.Namespace) -> None:
+    """Options that ask for opposite things; the D-Bus options come through here too.
+
+    Caught on the parsed options because the spec no longer shows some of them:
+    `-N -n` would leave a spec without a network namespace and without netifs,
+    and run on the host's network.
+    """
+    def given(dest: str) -> bool:
+        return bool(getattr(args, dest, None))
+
+    if given("no_net"):
+        for dest, flag in (("netif", "--netif"), ("netif_address", "--netif-address"),
+                           ("netif_route", "--netif-route")):
+            if given(dest):
+                raise SpecError(f"--no-netns contradicts {flag} (a private network)")
+    elif not given("netif"):
+        for dest, flag in (("netif_address", "--netif-address"), ("netif_route", "--netif-route")):
+            if given(dest):
+                raise SpecError(f"{flag} needs --netif (a private network)")
+    if given("no_user"):
+        for dest, flag in (("user_map", "--user-map"), ("private_users", "--private-users=pick")):
+            if given(dest) and getattr(args, dest) != "no":
+                raise SpecError(f"--no-userns contradicts {flag}")
+    if args.verb == "boot":
+        # Its init must be PID 1, and sets the hostname: in the host's UTS
+        # namespace that would rename the host.
+        for dest, flag, why in (("no_pid", "--no-pidns", "its init runs as PID 1"),
+                                ("no_uts", "--no-utsns", "its init sets the hostname")):
+            if given(dest):
+                raise SpecError(f"boot contradicts {flag} ({why})")
+    elif given("notify_ready"):
+        raise SpecError("--notify-ready needs boot (only a booted init sends READY=1)")
+    if not args.register:
+        for dest, flag in (("property", "--property"), ("cgroup", "--cgroup")):
+            if given(dest):
+                raise SpecError(f"{flag} sets the machine's scope: it needs --register=yes")
 
 
 def spec_from_args(args: argparse.Namespace) -> ContainerSpec:
@@ -195,16 +242,18 @@ def spec_from_args(args: argparse.Namespace) -> ContainerSpec:
         syscalls = parse_filter(args.system_call_filter)
     else:
         syscalls = ()
-    return ContainerSpec(
+    spec = ContainerSpec(
         command=command,
         root=root,
         chdir=getattr(args, "chdir", None),
         hostname=args.hostname,
-        mounts=tuple(parse_mount(m) for m in args.mount),
+        mounts=(*(parse_mount(m) for m in args.mount), *(parse_tmpfs(t) for t in args.tmpfs)),
         user=getattr(args, "user", None),
         setenv=setenv,
         keepenv=getattr(args, "keepenv", False),
         ephemeral=args.ephemeral,
+        ephemeral_size=(None if args.ephemeral_size is None
+                        else parse_size(args.ephemeral_size, "--ephemeral-size")),
         detach=args.detach,
         boot=args.verb == "boot",
         namespaces=_namespaces(args),  # type: ignore[arg-type]
@@ -223,6 +272,8 @@ def spec_from_args(args: argparse.Namespace) -> ContainerSpec:
         system_call_filter=syscalls,
         no_new_privileges=args.no_new_privileges,
     )
+    check_contradictions(args)  # after the parsers: a malformed value is named first
+    return spec
 
 
 def with_caller_maps(spec: ContainerSpec) -> ContainerSpec:
@@ -305,6 +356,19 @@ def _run_detached(spec: ContainerSpec) -> int:
                       on_started=lambda c: send(f"OK {c.name}"))
 
 
+def _attach_alone(parser: Parser, args: argparse.Namespace) -> None:
+    """--attach joins a running container: an option for a new one contradicts it
+    (--register=no, which scripts pass to every run, is harmless: nothing registers)."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for action in sub.choices["run"]._actions:
+        if action.dest in ("attach", "help", "register") or not action.option_strings:
+            continue
+        if getattr(args, action.dest) != action.default:
+            raise UsageError(f"--attach contradicts {action.option_strings[-1]}")
+    if args.command:
+        raise UsageError("--attach takes no command")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in CLIENT_VERBS:
@@ -329,6 +393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verb is None:
             raise UsageError("no command given (try 'machinepy run --help')")
         if args.verb == "run" and args.attach:
+            _attach_alone(parser, args)
             from machinepy.attach import attach
 
             return attach(args.attach)
@@ -340,7 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             spec = with_caller_maps(spec)
         spec = validate(spec)
     except (UsageError, SpecError) as e:
-        print(f"machinepy: {e}", file=sys.stderr)
+        print(f"machinepy: {one_line(str(e))}", file=sys.stderr)
         return 2
     if os.geteuid() != 0 and spec.private_users:
         print("machinepy: --private-users=pick must be run as root (it shifts the tree's "

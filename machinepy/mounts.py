@@ -353,15 +353,47 @@ DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 NOSUID_NODEV = MS_NOSUID | MS_NODEV
 NOSUID_NODEV_NOEXEC = MS_NOSUID | MS_NODEV | MS_NOEXEC
 
+# tmpfs limits, nspawn's (systemd's mount-util.h): a tmpfs left at the kernel's
+# default may take half the RAM, and a container has several.
+TMPFS_RUN = "size=20%,nr_inodes=800k"  # TMPFS_LIMITS_RUN
+TMPFS_NESTED = "size=10%,nr_inodes=400k"  # NESTED_TMPFS_LIMITS: /tmp, /dev/shm, --tmpfs
+TMPFS_ROOT = "size=25%,nr_inodes=1m"  # TMPFS_LIMITS_ROOTFS: the ephemeral upper layer
+TMPFS_EMPTY = "size=4m,nr_inodes=1k"  # TMPFS_LIMITS_EMPTY_OR_ALMOST: staging mount points
+# The API tmpfs mounts of a container with its own root; a user tmp mount on
+# one of these paths takes its place, starting from the same defaults.
+API_TMPFS = {"/dev/shm": "mode=1777," + TMPFS_NESTED, "/run": "mode=755," + TMPFS_RUN,
+             "/tmp": "mode=1777," + TMPFS_NESTED}
+USER_TMPFS = "mode=1777," + TMPFS_NESTED
 
-def user_mount_ops(mounts: Sequence[MountSpec]) -> list[MountOp]:
+
+def tmpfs_data(defaults: str, options: str | None) -> str:
+    """DEFAULTS with the user's OPTIONS laid over them, key by key."""
+    merged = dict(item.partition("=")[::2] for item in defaults.split(","))
+    if options:
+        merged.update(item.partition("=")[::2] for item in options.split(","))
+    return ",".join(f"{k}={v}" for k, v in merged.items())
+
+
+def staging_data(spec: ContainerSpec) -> str:
+    """The child's staging tmpfs: only mount points, or the ephemeral upper layer."""
+    if not spec.ephemeral:
+        return "mode=755," + TMPFS_EMPTY
+    size = f"size={spec.ephemeral_size}" if spec.ephemeral_size else None
+    return tmpfs_data("mode=755," + TMPFS_ROOT, size)
+
+
+def user_mount_ops(mounts: Sequence[MountSpec], api: bool = False) -> list[MountOp]:
+    """API: the container has its own root (and API_TMPFS mounts, which a tmp
+    mount on their path replaces)."""
     ops: list[MountOp] = []
     for m in mounts:
         if m.kind in ("bind", "bind-ro"):
             assert m.source is not None
             ops.append(BindMount(m.source, m.dest, read_only=m.read_only))
         elif m.kind == "tmp":
-            ops.append(FsMount("tmpfs", m.dest, NOSUID_NODEV, "mode=1777"))
+            data = tmpfs_data(API_TMPFS.get(m.dest, USER_TMPFS) if api else USER_TMPFS,
+                              m.options)
+            ops.append(FsMount("tmpfs", m.dest, NOSUID_NODEV, data))
         else:
             assert m.source is not None and m.work is not None
             ops.append(Overlay(m.source, m.dest, m.work))
@@ -386,16 +418,17 @@ def api_mount_ops(spec: ContainerSpec, console: str | None = None) -> list[Mount
         Symlink("/proc/self/fd/0", "/dev/stdin"),
         Symlink("/proc/self/fd/1", "/dev/stdout"),
         Symlink("/proc/self/fd/2", "/dev/stderr"),
-        FsMount("tmpfs", "/dev/shm", NOSUID_NODEV, "mode=1777"),
     ]
+    # The user's tmp mount on an API path replaces it (see user_mount_ops).
+    replaced = {m.dest for m in spec.mounts if m.kind == "tmp"}
+    if "/dev/shm" not in replaced:
+        ops.append(FsMount("tmpfs", "/dev/shm", NOSUID_NODEV, API_TMPFS["/dev/shm"]))
     if "ipc" in spec.namespaces:
         ops.append(FsMount("mqueue", "/dev/mqueue", NOSUID_NODEV_NOEXEC))
     if console is not None:
         ops.append(BindMount(console, "/dev/console", recursive=False))
-    ops += [
-        FsMount("tmpfs", "/run", NOSUID_NODEV, "mode=755"),
-        FsMount("tmpfs", "/tmp", NOSUID_NODEV, "mode=1777"),
-    ]
+    ops += [FsMount("tmpfs", path, NOSUID_NODEV, API_TMPFS[path]) for path in ("/run", "/tmp")
+            if path not in replaced]
     if "cgroup" in spec.namespaces:
         ops.append(FsMount("cgroup2", "/sys/fs/cgroup", NOSUID_NODEV_NOEXEC))
     return ops
@@ -449,7 +482,8 @@ def build_plan(spec: ContainerSpec, console: str | None = None) -> list[MountOp]
     # so they can land on the API filesystems (a bind over /etc/resolv.conf).
     on_root = [m for m in spec.mounts if m.dest == "/"]
     rest = [m for m in spec.mounts if m.dest != "/"]
-    return user_mount_ops(on_root) + api_mount_ops(spec, console) + user_mount_ops(rest)
+    return (user_mount_ops(on_root, api=True) + api_mount_ops(spec, console)
+            + user_mount_ops(rest, api=True))
 
 
 def mounts_root(op: MountOp) -> bool:

@@ -140,12 +140,29 @@ def _socket_in(netns: int) -> int:
     return result[0]
 
 
-def _rtnl(fileno: int | None = None) -> Any:
-    # AsyncIPRoute works well on our loop: requests are plain awaits, and
-    # close() is synchronous.  groups=0: no event subscriptions to buffer.
-    from pyroute2 import AsyncIPRoute  # type: ignore[import-untyped]
+async def _rtnl(fileno: int | None = None) -> Any:
+    """An AsyncIPRoute, on socket FILENO (which it then owns) or a new one.
 
-    return AsyncIPRoute(ext_ack=True, groups=0, fileno=fileno)
+    AsyncIPRoute works well on our loop: requests are plain awaits, and close()
+    is synchronous.  groups=0: no event subscriptions to buffer.
+    """
+    try:
+        from pyroute2 import AsyncIPRoute  # type: ignore[import-untyped]
+
+        rtnl = AsyncIPRoute(ext_ack=True, groups=0, fileno=fileno)
+    except BaseException:
+        if fileno is not None:
+            os.close(fileno)
+        raise
+    try:
+        # pyroute2 adopts FILENO (to close it with itself) only when it sets its
+        # socket up, at the first request: one closed before that left FILENO
+        # open, and with it the container's network namespace.  bind() sets it up.
+        await rtnl.bind()
+    except BaseException:
+        rtnl.close()
+        raise
+    return rtnl
 
 
 async def _links(rtnl: Any) -> dict[str, Any]:
@@ -286,10 +303,11 @@ class Links:
         if (ours.st_dev, ours.st_ino) == (theirs.st_dev, theirs.st_ino):
             raise NetworkError("the container has no network namespace of its own")
         with _step("cannot open a netlink socket"):
-            self._host = _rtnl()
+            self._host = await _rtnl()
             host = await _links(self._host)
-        self._inside = _rtnl(_socket_in(self._netns))
-        _check(spec, host)
+        _check(spec, host)  # before the socket in the container: a refusal makes none
+        with _step("cannot open a netlink socket in the container"):
+            self._inside = await _rtnl(_socket_in(self._netns))
         taken = set(host) | {n.host for n in spec.netifs if n.kind == "veth"}
         bridge_ends = bridge_end_names(spec, leader, taken)
         for n in spec.netifs:

@@ -30,7 +30,7 @@ from dbus_fast import introspection as intr
 from dbus_fast.aio import MessageBus
 
 from machinepy.machined import bus_label_escape
-from machinepy.spec import OWNERSHIPS, SpecError, check_machine_name, validate
+from machinepy.spec import OWNERSHIPS, SpecError, check_machine_name, one_line, quote, validate
 from machinepy.supervisor import STOP_TIMEOUT, Container, Supervisor, with_machine_id
 
 log = logging.getLogger("machinepy.service")
@@ -145,6 +145,8 @@ OPTIONS = {
     "Mounts": Option("as", "mount"),
     "Hostname": Option("s", "hostname"),
     "Ephemeral": Option("b", "ephemeral"),
+    "EphemeralSize": Option("s", "ephemeral_size"),  # as --ephemeral-size
+    "Tmpfs": Option("as", "tmpfs"),  # PATH[:OPTIONS] entries, as --tmpfs
     "Environment": Option("as", "setenv"),
     "KeepEnvironment": Option("b", "keepenv"),
     # NAME=VALUE entries a host-root (or KeepEnvironment) container starts from
@@ -184,10 +186,10 @@ def spec_from_options(name: str, root_directory: str, command: Sequence[str],
     for key, variant in options.items():
         opt = OPTIONS.get(key)
         if opt is None:
-            raise SpecError(f"unknown option '{key}' (known: {', '.join(sorted(OPTIONS))})")
+            raise SpecError(f"unknown option {quote(key)} (known: {', '.join(sorted(OPTIONS))})")
         if variant.signature != opt.signature:
-            raise SpecError(f"option '{key}' must be of type '{opt.signature}', "
-                            f"not '{variant.signature}'")
+            raise SpecError(f"option {quote(key)} must be of type {quote(opt.signature)}, "
+                            f"not {quote(variant.signature)}")
         values[opt.dest] = variant.value
     boot = bool(values.pop("boot", False))
     root = root_directory or None
@@ -199,9 +201,10 @@ def spec_from_options(name: str, root_directory: str, command: Sequence[str],
         base_env = tuple(_env_entry(e) for e in base_env)
     for ns in no_ns:
         if ns not in NO_NAMESPACES:
-            raise SpecError(f"unknown namespace '{ns}' in NoNamespaces")
+            raise SpecError(f"unknown namespace {quote(ns)} in NoNamespaces")
     if values.get("private_users", "no") not in ("pick", "no"):
-        raise SpecError(f"PrivateUsers must be 'pick' or 'no', not '{values['private_users']}'")
+        raise SpecError("PrivateUsers must be 'pick' or 'no', not "
+                        + quote(values["private_users"]))
     if values.get("private_users_ownership", "auto") not in OWNERSHIPS:
         raise SpecError("PrivateUsersOwnership must be one of " + ", ".join(OWNERSHIPS))
     # Start from the CLI parser's own defaults, so a new CLI option can never be
@@ -216,9 +219,9 @@ def spec_from_options(name: str, root_directory: str, command: Sequence[str],
         **{f"no_{ns}": ns in no_ns for ns in NO_NAMESPACES},
     )
     if boot and root is not None and not root.startswith("/"):
-        raise SpecError(f"root directory '{root}' is not absolute")
+        raise SpecError(f"root directory {quote(root)} is not absolute")
     if boot and root is not None and not os.path.isdir(root):
-        raise SpecError(f"root directory '{root}' does not exist or is not a directory")
+        raise SpecError(f"root directory {quote(root)} does not exist or is not a directory")
     for text in (name, root_directory, args.hostname or "", args.chdir or "", args.user or "",
                  *command):
         if "\0" in text:
@@ -235,7 +238,7 @@ def spec_from_options(name: str, root_directory: str, command: Sequence[str],
 def _env_entry(text: str) -> tuple[str, str]:
     name, eq, value = text.partition("=")
     if not name or not eq or "\0" in text:
-        raise SpecError(f"BaseEnvironment entry '{text}' is not NAME=VALUE")
+        raise SpecError(f"BaseEnvironment entry {quote(text)} is not NAME=VALUE")
     return name, value
 
 
@@ -408,7 +411,7 @@ class Service:
             try:
                 check_machine_name(name)
             except SpecError as e:
-                raise ServiceError("InvalidArgument", str(e)) from None
+                raise ServiceError("InvalidArgument", one_line(str(e))) from None
         else:
             name = self._pick_name()
         if name in self.entries:
@@ -416,7 +419,7 @@ class Service:
         try:
             spec = spec_from_options(name, root_directory, command, options)
         except SpecError as e:
-            raise ServiceError("InvalidArgument", str(e)) from None
+            raise ServiceError("InvalidArgument", one_line(str(e))) from None
         entry = Entry(name, None)
         started: asyncio.Future[None] = self.loop.create_future()
 
@@ -543,7 +546,7 @@ class Service:
     def get(self, name: str) -> Entry:
         entry = self.entries.get(name)
         if entry is None:
-            raise ServiceError("NoSuchContainer", f"no container '{name}'")
+            raise ServiceError("NoSuchContainer", f"no container {quote(name)}")
         return entry
 
     @staticmethod
@@ -574,7 +577,7 @@ class Service:
 
     def kill(self, entry: Entry, whom: str, sig: int) -> None:
         if whom not in ("leader", "all", ""):
-            raise ServiceError("InvalidArgument", f"invalid whom '{whom}' (leader or all)")
+            raise ServiceError("InvalidArgument", f"invalid whom {quote(whom)} (leader or all)")
         if not 1 <= sig < signal.NSIG:
             raise ServiceError("InvalidArgument", f"invalid signal {sig}")
         control = self._control(entry)

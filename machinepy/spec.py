@@ -23,6 +23,26 @@ class SpecError(ValueError):
     """Bad user input; its message is one line, printed as `machinepy: MESSAGE`."""
 
 
+def quote(text: str) -> str:
+    """TEXT as it goes into an error message: in single quotes, with quotes,
+    backslashes and unprintable characters escaped, so an echoed value can
+    never break the one-line error (nor pass for a different value)."""
+    out = []
+    for ch in text:
+        if ch in "'\\":
+            out.append("\\" + ch)
+        elif ch.isprintable():
+            out.append(ch)
+        else:
+            out.append(repr(ch)[1:-1])  # \n, \t, \x1b, \u2028, …
+    return "'" + "".join(out) + "'"
+
+
+def one_line(message: str) -> str:
+    """A message made elsewhere (argparse, unit properties) kept on one line."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in message)
+
+
 # ---------------------------------------------------------------------------
 # Escaped option lists: pflask separates fields with ':' and items with ','.
 
@@ -36,7 +56,7 @@ def split_escaped(text: str, sep: str) -> list[str]:
         if ch == "\\":
             nxt = next(chars, None)
             if nxt is None:
-                raise SpecError(f"trailing backslash in '{text}'")
+                raise SpecError(f"trailing backslash in {quote(text)}")
             cur.append(nxt)
         elif ch == sep:
             parts.append("".join(cur))
@@ -49,9 +69,9 @@ def split_escaped(text: str, sep: str) -> list[str]:
 
 def _absolute(path: str, what: str, spec: str) -> str:
     if not path.startswith("/"):
-        raise SpecError(f"invalid {what} '{spec}': path '{path}' is not absolute")
+        raise SpecError(f"invalid {what} {quote(spec)}: path {quote(path)} is not absolute")
     if "\0" in path:
-        raise SpecError(f"invalid {what} '{spec}': path contains a NUL byte")
+        raise SpecError(f"invalid {what} {quote(spec)}: path contains a NUL byte")
     return os.path.normpath(path).replace("//", "/")
 
 
@@ -66,6 +86,8 @@ class MountSpec(NamedTuple):
     dest: str
     source: str | None = None  # host path (bind) or upper dir (overlay)
     work: str | None = None  # overlay work dir
+    # tmp: the user's tmpfs options, checked (mounts.py fills in the defaults)
+    options: str | None = None
 
     @property
     def read_only(self) -> bool:
@@ -78,11 +100,15 @@ def parse_mount(spec: str) -> MountSpec:
     want = {"bind": 2, "bind-ro": 2, "tmp": 1, "overlay": 3}.get(kind)
     if want is None:
         raise SpecError(
-            f"invalid --mount '{spec}': unknown mount type '{kind}' "
+            f"invalid --mount {quote(spec)}: unknown mount type {quote(kind)} "
             "(expected bind, bind-ro, tmp or overlay)"
         )
+    if kind == "tmp" and len(args) == 2:  # tmp:PATH:OPTIONS
+        return MountSpec("tmp", dest=_absolute(args[0], "--mount", spec),
+                         options=parse_tmpfs_options(args[1], "--mount", spec))
     if len(args) != want:
-        raise SpecError(f"invalid --mount '{spec}': {kind} takes {want} path(s), got {len(args)}")
+        raise SpecError(
+            f"invalid --mount {quote(spec)}: {kind} takes {want} path(s), got {len(args)}")
     paths = [_absolute(p, "--mount", spec) for p in args]
     if kind == "tmp":
         return MountSpec("tmp", dest=paths[0])
@@ -90,6 +116,56 @@ def parse_mount(spec: str) -> MountSpec:
         upper, dest, work = paths
         return MountSpec("overlay", dest=dest, source=upper, work=work)
     return MountSpec(kind, dest=paths[1], source=paths[0])  # type: ignore[arg-type]
+
+
+def parse_tmpfs(spec: str) -> MountSpec:
+    """--tmpfs PATH[:OPTIONS], as nspawn's (OPTIONS: size=, nr_inodes=, mode=);
+    `\\:` escapes a colon in PATH, as in --mount."""
+    fields = split_escaped(spec, ":")
+    if len(fields) > 2:
+        raise SpecError(f"invalid --tmpfs {quote(spec)}: expected PATH[:OPTIONS]")
+    dest = _absolute(fields[0], "--tmpfs", spec)
+    options = parse_tmpfs_options(fields[1], "--tmpfs", spec) if len(fields) == 2 else None
+    return MountSpec("tmp", dest=dest, options=options)
+
+
+# Sizes as the kernel reads them (memparse), bounded: 0 means no limit to tmpfs.
+SIZE_RE = r"([1-9][0-9]*)([kKmMgGtT]?)|([1-9][0-9]?|100)%"
+INODES_RE = r"[1-9][0-9]*[kKmMgG]?"
+
+
+def parse_size(text: str, what: str, spec: str | None = None) -> str:
+    """A tmpfs size: bytes with an optional k/M/G/T suffix, or 1-100% of RAM."""
+    if not re.fullmatch(SIZE_RE, text, re.ASCII):
+        given = f" {quote(spec)}" if spec is not None else ""
+        raise SpecError(
+            f"invalid {what}{given}: size {quote(text)} is not a number of bytes with an "
+            "optional k, M, G or T suffix, or 1% to 100% of RAM (0 would be unbounded)")
+    return text
+
+
+def parse_tmpfs_options(text: str, what: str, spec: str) -> str:
+    """size=SIZE,nr_inodes=N,mode=OCTAL, each at most once; returned as given."""
+    seen: set[str] = set()
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if key in seen:
+            raise SpecError(f"invalid {what} {quote(spec)}: {quote(key)} given twice")
+        seen.add(key)
+        if key == "size" and sep:
+            parse_size(value, what, spec)
+        elif key == "nr_inodes" and sep:
+            if not re.fullmatch(INODES_RE, value, re.ASCII):
+                raise SpecError(f"invalid {what} {quote(spec)}: nr_inodes {quote(value)} is "
+                                "not a positive number with an optional k, M or G suffix")
+        elif key == "mode" and sep:
+            if not re.fullmatch(r"[0-7]{1,4}", value, re.ASCII):
+                raise SpecError(f"invalid {what} {quote(spec)}: mode {quote(value)} is not "
+                                "an octal mode")
+        else:
+            raise SpecError(f"invalid {what} {quote(spec)}: unknown tmpfs option {quote(item)} "
+                            "(expected size=, nr_inodes= or mode=)")
+    return text
 
 
 # ---------------------------------------------------------------------------
@@ -107,9 +183,13 @@ class NetifSpec(NamedTuple):
     inside: str  # name inside the container
 
 
-def _ifname(name: str, spec: str) -> str:
-    if not re.fullmatch(IFNAME_RE, name) or name in (".", ".."):
-        raise SpecError(f"invalid --netif '{spec}': '{name}' is not a valid interface name")
+def _ifname(name: str, spec: str, what: str = "--netif") -> str:
+    # The kernel counts bytes (IFNAMSIZ), and a NUL or control character would
+    # cut or garble the name on its way through netlink.
+    if (not re.fullmatch(IFNAME_RE, name) or name in (".", "..") or not name.isprintable()
+            or len(name.encode()) > 15):
+        raise SpecError(
+            f"invalid {what} {quote(spec)}: {quote(name)} is not a valid interface name")
     return name
 
 
@@ -121,7 +201,7 @@ def parse_netif(spec: str) -> NetifSpec:
         kind: NetifKind = fields[0]  # type: ignore[assignment]
         return NetifSpec(kind, _ifname(fields[1], spec), _ifname(fields[2], spec))
     raise SpecError(
-        f"invalid --netif '{spec}': expected DEV:NAME, macvlan:MASTER:NAME, "
+        f"invalid --netif {quote(spec)}: expected DEV:NAME, macvlan:MASTER:NAME, "
         "ipvlan:MASTER:NAME, veth:OUTSIDE:INSIDE or bridge:BRIDGE:INSIDE"
     )
 
@@ -134,14 +214,15 @@ class NetifAddress(NamedTuple):
 def parse_netif_address(spec: str) -> NetifAddress:
     name, sep, addr = spec.partition("=")
     if not sep or "/" not in addr:
-        raise SpecError(f"invalid --netif-address '{spec}': expected NAME=ADDRESS/PREFIX")
+        raise SpecError(f"invalid --netif-address {quote(spec)}: expected NAME=ADDRESS/PREFIX")
     import ipaddress  # only for --netif-address/--netif-route (~1.5 ms to import)
 
     try:
         iface = ipaddress.ip_interface(addr)
     except ValueError:
-        raise SpecError(f"invalid --netif-address '{spec}': bad address '{addr}'") from None
-    return NetifAddress(_ifname(name, spec), iface)
+        raise SpecError(
+            f"invalid --netif-address {quote(spec)}: bad address {quote(addr)}") from None
+    return NetifAddress(_ifname(name, spec, "--netif-address"), iface)
 
 
 class NetifRoute(NamedTuple):
@@ -154,23 +235,27 @@ def parse_netif_route(spec: str) -> NetifRoute:
     """NAME=DEST[,via=GATEWAY] where DEST is `default` or ADDRESS/PREFIX."""
     name, sep, rest = spec.partition("=")
     if not sep or not rest:
-        raise SpecError(f"invalid --netif-route '{spec}': expected NAME=DEST[,via=GATEWAY]")
+        raise SpecError(f"invalid --netif-route {quote(spec)}: expected NAME=DEST[,via=GATEWAY]")
     dest_s, *opts = rest.split(",")
     import ipaddress
 
+    bad = f"invalid --netif-route {quote(spec)}"
     try:
         dest = None if dest_s == "default" else ipaddress.ip_network(dest_s, strict=False)
-        gateway = None
-        for opt in opts:
-            key, _, value = opt.partition("=")
-            if key != "via":
-                raise SpecError(f"invalid --netif-route '{spec}': unknown option '{key}'")
+    except ValueError:
+        raise SpecError(f"{bad}: bad destination {quote(dest_s)}") from None
+    gateway = None
+    for opt in opts:
+        key, _, value = opt.partition("=")
+        if key != "via":
+            raise SpecError(f"{bad}: unknown option {quote(key)}")
+        try:
             gateway = ipaddress.ip_address(value)
-    except ValueError as e:
-        raise SpecError(f"invalid --netif-route '{spec}': {e}") from None
+        except ValueError:
+            raise SpecError(f"{bad}: bad gateway {quote(value)}") from None
     if dest is None and gateway is None:
-        raise SpecError(f"invalid --netif-route '{spec}': a default route needs via=GATEWAY")
-    return NetifRoute(_ifname(name, spec), dest, gateway)
+        raise SpecError(f"invalid --netif-route {quote(spec)}: a default route needs via=GATEWAY")
+    return NetifRoute(_ifname(name, spec, "--netif-route"), dest, gateway)
 
 
 # ---------------------------------------------------------------------------
@@ -188,13 +273,14 @@ ID_MAX = 2**32 - 1
 
 def parse_user_map(spec: str) -> IdMap:
     fields = spec.split(":")
-    if len(fields) != 3 or not all(f.isdigit() for f in fields):
+    if len(fields) != 3 or not all(f.isascii() and f.isdigit() for f in fields):
         raise SpecError(
-            f"invalid --user-map '{spec}': expected CONTAINER_ID:HOST_ID:COUNT (decimal numbers)"
+            f"invalid --user-map {quote(spec)}: expected CONTAINER_ID:HOST_ID:COUNT "
+            "(decimal numbers)"
         )
     inside, outside, count = (int(f) for f in fields)
     if count == 0 or inside + count > ID_MAX or outside + count > ID_MAX:
-        raise SpecError(f"invalid --user-map '{spec}': range is empty or exceeds 2^32-1")
+        raise SpecError(f"invalid --user-map {quote(spec)}: range is empty or exceeds 2^32-1")
     return IdMap(inside, outside, count)
 
 
@@ -225,9 +311,9 @@ def parse_setenv(spec: str) -> list[tuple[str, str]]:
     for item in split_escaped(spec, ","):
         name, sep, value = item.partition("=")
         if not sep or not re.fullmatch(ENV_NAME_RE, name):
-            raise SpecError(f"invalid --setenv '{spec}': '{item}' is not NAME=VALUE")
+            raise SpecError(f"invalid --setenv {quote(spec)}: {quote(item)} is not NAME=VALUE")
         if "\0" in value:
-            raise SpecError(f"invalid --setenv '{spec}': value contains a NUL byte")
+            raise SpecError(f"invalid --setenv {quote(spec)}: value contains a NUL byte")
         out.append((name, value))
     return out
 
@@ -253,23 +339,37 @@ def parse_landlock_scope(spec: str) -> tuple[str, ...]:
 
 
 # ---------------------------------------------------------------------------
-# Machine names (machined's hostname_is_valid rules, without trailing dot)
+# Machine names and hostnames: systemd's hostname_is_valid(name, 0), which
+# machined applies to a machine name and nspawn to --machine and --hostname:
+# dot-separated labels of letters, digits and '-', no label empty or starting
+# or ending with '-', no trailing dot, at most 64 characters (HOST_NAME_MAX).
 
-MACHINE_NAME_RE = r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*"
+HOSTNAME_MAX = 64
+HOSTNAME_LABEL_RE = r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
+
+
+def hostname_is_valid(name: str) -> bool:
+    return 0 < len(name) <= HOSTNAME_MAX and all(
+        re.fullmatch(HOSTNAME_LABEL_RE, label, re.ASCII) for label in name.split("."))
 
 
 def check_machine_name(name: str) -> str:
-    if len(name) > 64 or not re.fullmatch(MACHINE_NAME_RE, name):
+    if not hostname_is_valid(name):
         raise SpecError(
-            f"invalid machine name '{name}': use letters, digits, '-', '_' and '.', "
-            "at most 64 characters"
+            f"invalid machine name {quote(name)}: use dot-separated labels of letters, digits "
+            f"and '-', each starting and ending with a letter or digit, at most "
+            f"{HOSTNAME_MAX} characters"
         )
     return name
 
 
 def check_hostname(name: str) -> str:
-    if not name or len(name) > 64 or not re.fullmatch(MACHINE_NAME_RE, name):
-        raise SpecError(f"invalid hostname '{name}'")
+    if not hostname_is_valid(name):
+        raise SpecError(
+            f"invalid hostname {quote(name)}: use dot-separated labels of letters, digits "
+            f"and '-', each starting and ending with a letter or digit, at most "
+            f"{HOSTNAME_MAX} characters"
+        )
     return name
 
 
@@ -295,6 +395,7 @@ class ContainerSpec(NamedTuple):
     # The daemon gets the caller's here, so `run --detach` through it keeps it.
     base_env: tuple[tuple[str, str], ...] | None = None
     ephemeral: bool = False
+    ephemeral_size: str | None = None  # the upper layer's tmpfs size; None: mounts.py's
     detach: bool = False
     boot: bool = False
     namespaces: frozenset[Namespace] = frozenset({"mount", "pid", "ipc", "uts", "cgroup"})
@@ -331,19 +432,29 @@ def validate(spec: ContainerSpec) -> ContainerSpec:
     """Cross-field and host checks.  Read-only: creates nothing."""
     if spec.root is not None:
         if not spec.root.startswith("/"):
-            raise SpecError(f"chroot directory '{spec.root}' is not absolute")
+            raise SpecError(f"chroot directory {quote(spec.root)} is not absolute")
         if not os.path.isdir(spec.root):
-            raise SpecError(f"chroot directory '{spec.root}' does not exist or is not a directory")
+            raise SpecError(
+                f"chroot directory {quote(spec.root)} does not exist or is not a directory")
         if spec.root == "/":
             spec = spec.replace(root=None)
     if spec.ephemeral and spec.root is None:
         raise SpecError("--ephemeral needs --chroot (it discards changes to the container's root)")
+    if spec.ephemeral_size is not None and not spec.ephemeral:
+        raise SpecError("--ephemeral-size needs --ephemeral")
     if spec.boot and spec.root is None:
         raise SpecError("boot needs a root directory")
+    if spec.boot:
+        for value, flag in ((spec.user, "--user"), (spec.chdir, "--chdir"),
+                            (spec.keepenv, "--keepenv")):
+            if value:
+                raise SpecError(f"boot takes no {flag} (its init runs as root, in /, "
+                                "with an environment of its own)")
     if spec.chdir is not None and not spec.chdir.startswith("/"):
-        raise SpecError(f"--chdir '{spec.chdir}' is not absolute")
+        raise SpecError(f"--chdir {quote(spec.chdir)} is not absolute")
     if "mount" not in spec.namespaces and (spec.root or spec.mounts or spec.ephemeral):
-        raise SpecError("--no-mountns cannot be combined with --chroot, --mount or --ephemeral")
+        raise SpecError(
+            "--no-mountns cannot be combined with --chroot, --mount, --tmpfs or --ephemeral")
     if spec.hostname is not None and "uts" not in spec.namespaces:
         raise SpecError("--hostname needs a UTS namespace (drop --no-utsns)")
     if (spec.netifs or spec.addresses or spec.routes) and "net" not in spec.namespaces:
@@ -373,14 +484,14 @@ def validate(spec: ContainerSpec) -> ContainerSpec:
         raise SpecError("--netif: two interfaces get the same name inside the container")
     for addr in spec.addresses:
         if addr.ifname not in inside and addr.ifname != "lo":
-            raise SpecError(f"--netif-address: no --netif creates '{addr.ifname}'")
+            raise SpecError(f"--netif-address: no --netif creates {quote(addr.ifname)}")
     for route in spec.routes:
         if route.ifname not in inside and route.ifname != "lo":
-            raise SpecError(f"--netif-route: no --netif creates '{route.ifname}'")
+            raise SpecError(f"--netif-route: no --netif creates {quote(route.ifname)}")
     for m in spec.mounts:
         for path in (m.source, m.work):
             if path is not None and not os.path.exists(path):
-                raise SpecError(f"--mount source '{path}' does not exist")
+                raise SpecError(f"--mount source {quote(path)} does not exist")
     if spec.machine is not None:
         check_machine_name(spec.machine)
     if spec.hostname is not None:
@@ -423,7 +534,7 @@ def lookup_user(user: str, root: str | None) -> Passwd:
                 break
     if user.isdigit():
         return Passwd(user, int(user), int(user), "/", "/bin/sh")
-    raise SpecError(f"user '{user}' does not exist in {passwd}")
+    raise SpecError(f"user {quote(user)} does not exist in {passwd}")
 
 
 def supplementary_groups(pw: Passwd, root: str | None) -> list[int]:

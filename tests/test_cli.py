@@ -30,6 +30,14 @@ def test_pflask_short_options() -> None:
     assert {"net", "user"} <= spec.namespaces  # type: ignore[attr-defined]
 
 
+def test_tmpfs_and_ephemeral_size_options() -> None:
+    spec = parse("run", "-r", "/srv", "-w", "--ephemeral-size=2G", "--tmpfs", "/tmp:size=1m",
+                 "--tmpfs=/scratch", "-m", "tmp:/t:mode=700", "true")
+    assert spec.ephemeral_size == "2G"  # type: ignore[attr-defined]
+    assert [(m.dest, m.options) for m in spec.mounts] == [  # type: ignore[attr-defined]
+        ("/t", "mode=700"), ("/tmp", "size=1m"), ("/scratch", None)]
+
+
 def test_namespace_flags() -> None:
     spec = parse("run", "-M", "-I", "-H", "-P", "-U", "-N", "true")
     assert spec.namespaces == frozenset({"cgroup"})  # type: ignore[attr-defined]
@@ -60,10 +68,67 @@ def test_boot_options_after_rootfs_and_init_args(tmp_path: Path,
     (["run", "--netif-address", "eth0"], "expected NAME=ADDRESS/PREFIX"),
     (["run", "--register", "maybe", "true"], "expected yes or no"),
     (["run", "-m"], "expected one argument"),
+    (["run", "--machine=-rel", "true"], "invalid machine name '-rel'"),
+    (["run", "--machine", "rel-", "true"], "invalid machine name 'rel-'"),
+    (["run", "--machine", "rel_x", "true"], "invalid machine name 'rel_x'"),
+    (["run", "--machine", "a\nmachinepy: b", "true"], "invalid machine name 'a\\nmachinepy: b'"),
+    (["run", "-t", "rel_x", "true"], "invalid hostname 'rel_x'"),
+    (["run", "-t", "x\n", "true"], "invalid hostname 'x\\n'"),
+    (["run", "-m", "tmp:/a\nb:/c", "true"], "'tmp:/a\\nb:/c'"),
+    (["run", "--netif-route", "eth0=default,via=x", "true"],
+     "invalid --netif-route 'eth0=default,via=x': bad gateway 'x'"),
+    (["run", "--bogus\nline", "true"], "unrecognized arguments: --bogus\\nline"),
+    (["run", "--tmpfs", "/tmp:size=0", "true"], "invalid --tmpfs '/tmp:size=0': size '0'"),
+    (["run", "-w", "-r", "/tmp", "--ephemeral-size=lots", "true"],
+     "invalid --ephemeral-size: size 'lots'"),
 ])
 def test_usage_errors_are_one_line(argv: list[str], fragment: str,
                                    capsys: pytest.CaptureFixture[str]) -> None:
     assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and fragment in err, err
+
+
+@pytest.fixture
+def init_root(tmp_path: Path) -> Path:
+    (tmp_path / "sbin").mkdir()
+    (tmp_path / "sbin/init").symlink_to("/bin/busybox")
+    return tmp_path
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["run", "-n", "-N", "true"], "--no-netns contradicts --netif"),
+    (["run", "-N", "-n", "veth:a:b", "true"], "--no-netns contradicts --netif"),
+    (["run", "-N", "--netif-address", "lo=10.0.0.1/8", "true"],
+     "--no-netns contradicts --netif-address"),
+    (["run", "-N", "--netif-route", "lo=10.0.0.0/8", "true"],
+     "--no-netns contradicts --netif-route"),
+    (["run", "--netif-address", "lo=10.0.0.1/8", "true"], "--netif-address needs --netif"),
+    (["run", "--netif-route", "lo=10.0.0.0/8", "true"], "--netif-route needs --netif"),
+    (["run", "-U", "-e", "0:100000:65536", "true"], "--no-userns contradicts --user-map"),
+    (["run", "-U", "-r", "/", "--private-users=pick", "true"],
+     "--no-userns contradicts --private-users=pick"),
+    (["run", "-e", "0:100000:65536", "--private-users=pick", "-r", "/tmp", "true"],
+     "drop --user-map"),
+    (["run", "-M", "-r", "/tmp", "true"], "--no-mountns cannot be combined"),
+    (["run", "-M", "-m", "tmp:/x", "true"], "--no-mountns cannot be combined"),
+    (["run", "-H", "-t", "box", "true"], "--hostname needs a UTS namespace"),
+    (["run", "--private-users-ownership=chown", "true"], "needs --private-users=pick"),
+    (["run", "--notify-ready", "true"], "--notify-ready needs boot"),
+    (["run", "--register=no", "-p", "CPUQuota=20%", "true"], "--property sets the machine's scope"),
+    (["run", "--register=no", "-g", "memory", "true"], "--cgroup sets the machine's scope"),
+    (["run", "--ephemeral-size=1G", "-r", "/tmp", "true"], "--ephemeral-size needs --ephemeral"),
+    (["run", "-a", "box", "-d"], "--attach contradicts --detach"),
+    (["run", "-a", "box", "-r", "/srv"], "--attach contradicts --chroot"),
+    (["run", "-a", "box", "--", "ls"], "--attach takes no command"),
+    (["boot", "{root}", "-P"], "boot contradicts --no-pidns"),
+    (["boot", "{root}", "-H"], "boot contradicts --no-utsns"),
+])
+def test_contradictions_are_one_line_usage_errors(argv: list[str], fragment: str,
+                                                  init_root: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    # Refused while parsing: nothing runs, nothing is created.
+    assert main([a.format(root=init_root) for a in argv]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and fragment in err, err
 

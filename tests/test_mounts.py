@@ -21,6 +21,7 @@ from machinepy.mounts import (
     Sysfs,
     build_plan,
     open_in_root,
+    staging_data,
 )
 from machinepy.spec import ContainerSpec, MountSpec
 
@@ -77,6 +78,44 @@ def test_no_cgroup_mount_without_cgroupns() -> None:
 def test_overlay_spec_becomes_overlay_op() -> None:
     plan = build_plan(spec(root="/r", mounts=(MountSpec("overlay", "/usr", "/up", "/wk"),)))
     assert plan[-1] == Overlay("/up", "/usr", "/wk")
+
+
+def _data(plan: list[object], target: str) -> list[str]:
+    return [op.data for op in plan if isinstance(op, FsMount) and op.target == target]
+
+
+def test_api_tmpfs_mounts_are_bounded_as_nspawn_bounds_them() -> None:
+    plan = build_plan(spec(root="/r"))
+    assert _data(plan, "/run") == ["mode=755,size=20%,nr_inodes=800k"]
+    assert _data(plan, "/tmp") == ["mode=1777,size=10%,nr_inodes=400k"]
+    assert _data(plan, "/dev/shm") == ["mode=1777,size=10%,nr_inodes=400k"]
+    assert _data(plan, "/dev") == ["mode=755,size=4m"]
+    for op in plan:  # no tmpfs at the kernel's default (half the RAM)
+        if isinstance(op, FsMount) and op.fstype == "tmpfs":
+            assert "size=" in (op.data or ""), op
+
+
+def test_user_tmpfs_replaces_the_api_one_from_its_defaults() -> None:
+    plan = build_plan(spec(root="/r", mounts=(
+        MountSpec("tmp", "/tmp", options="size=1m"),
+        MountSpec("tmp", "/run", options="mode=700,nr_inodes=5k"),
+        MountSpec("tmp", "/scratch"),
+        MountSpec("tmp", "/big", options="size=50%"))))
+    assert _data(plan, "/tmp") == ["mode=1777,size=1m,nr_inodes=400k"]
+    assert _data(plan, "/run") == ["mode=700,size=20%,nr_inodes=5k"]
+    assert _data(plan, "/dev/shm") == ["mode=1777,size=10%,nr_inodes=400k"]
+    assert _data(plan, "/scratch") == ["mode=1777,size=10%,nr_inodes=400k"]
+    assert _data(plan, "/big") == ["mode=1777,size=50%,nr_inodes=400k"]
+    # On the host's root there is no API /run to replace: a plain user tmpfs.
+    host = build_plan(spec(mounts=(MountSpec("tmp", "/run", options="size=1m"),)))
+    assert _data(host, "/run") == ["mode=1777,size=1m,nr_inodes=400k"]
+
+
+def test_staging_tmpfs_is_bounded() -> None:
+    assert staging_data(spec(root="/r")) == "mode=755,size=4m,nr_inodes=1k"
+    assert staging_data(spec(root="/r", ephemeral=True)) == "mode=755,size=25%,nr_inodes=1m"
+    assert staging_data(spec(root="/r", ephemeral=True, ephemeral_size="2G")) == (
+        "mode=755,size=2G,nr_inodes=1m")
 
 
 @pytest.fixture

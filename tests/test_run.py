@@ -179,6 +179,52 @@ def test_symlinked_destination_stays_inside(busybox_root: Path, tmp_path: Path) 
         subprocess.run(["rm", "-rf", str(busybox_root / "var" / name)], check=True)
 
 
+def _tmpfs_sizes_k(mountinfo: str) -> dict[str, list[int]]:
+    """Mount point → the size= (in KiB) of each tmpfs mounted there."""
+    sizes: dict[str, list[int]] = {}
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if "-" not in fields:
+            continue
+        sep = fields.index("-")
+        if fields[sep + 1] == "tmpfs":
+            opts = dict(o.partition("=")[::2] for o in fields[sep + 3].split(","))
+            sizes.setdefault(fields[4], []).append(int(opts.get("size", "0k").rstrip("k")))
+    return sizes
+
+
+def test_api_tmpfs_mounts_are_bounded(busybox_root: Path) -> None:
+    r = sh(busybox_root, "cat /proc/self/mountinfo")
+    assert r.returncode == 0, r.stderr
+    with open("/proc/meminfo") as f:
+        ram_k = int(f.readline().split()[1])  # MemTotal
+    sizes = _tmpfs_sizes_k(r.stdout)
+    # The kernel's default would be half the RAM each (and 0 in mountinfo: unlimited).
+    for path, share in (("/run", 0.20), ("/tmp", 0.10), ("/dev/shm", 0.10)):
+        assert len(sizes[path]) == 1, sizes
+        assert abs(sizes[path][0] - ram_k * share) <= ram_k * 0.01, (path, sizes[path], ram_k)
+
+
+def test_tmpfs_option_bounds_and_replaces(busybox_root: Path) -> None:
+    fill = "dd if=/dev/zero of={} bs=1024 count=2048 2>&1; echo rc=$?"
+    r = sh(busybox_root, "cat /proc/self/mountinfo; echo ==; " + fill.format("/tmp/f")
+           + "; echo ==; " + fill.format("/scratch/f"),
+           "--tmpfs=/tmp:size=1m", "--tmpfs", "/scratch:size=4m")
+    assert r.returncode == 0, r.stderr
+    mountinfo, tmp, scratch = r.stdout.split("==\n")
+    assert _tmpfs_sizes_k(mountinfo)["/tmp"] == [1024]  # ours replaced, not stacked
+    assert "No space left on device" in tmp and tmp.endswith("rc=1\n"), tmp
+    assert scratch.endswith("rc=0\n"), scratch  # 2 MiB fit in /scratch's 4
+
+
+def test_ephemeral_layer_is_bounded(busybox_root: Path) -> None:
+    r = sh(busybox_root, "dd if=/dev/zero of=/big bs=1024 count=2048 2>&1; echo rc=$?",
+           "-w", "--ephemeral-size=1m")
+    assert r.returncode == 0, r.stderr
+    assert "No space left on device" in r.stdout and "rc=1" in r.stdout, r.stdout
+    assert not (busybox_root / "big").exists()
+
+
 def test_ephemeral_discards_writes(busybox_root: Path) -> None:
     r = sh(busybox_root, "echo x > /etc/ephemeral-marker && rm /bin/ls && "
            "cat /etc/ephemeral-marker", "-w")

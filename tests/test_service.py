@@ -33,7 +33,7 @@ from machinepy.service import (
     container_path,
     spec_from_options,
 )
-from machinepy.spec import SpecError
+from machinepy.spec import MountSpec, SpecError
 
 BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
  "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
@@ -199,20 +199,24 @@ def test_options_mirror_the_cli(tmp_path: Path) -> None:
     spec = spec_from_options("box", str(tmp_path), ["/bin/sh", "-c", "true"], {
         "Hostname": Variant("s", "inbox"),
         "Mounts": Variant("as", [f"bind-ro:{tmp_path}:/data", "tmp:/scratch"]),
+        "Tmpfs": Variant("as", ["/tmp:size=16M"]),
+        "Ephemeral": Variant("b", True),
+        "EphemeralSize": Variant("s", "1G"),
         "Environment": Variant("as", ["A=1,2", "B=x"]),
         "Netifs": Variant("as", [""]),
         "UserMap": Variant("as", ["0:100000:65536"]),
         "Properties": Variant("as", ["MemoryMax=64M"]),
         "NoNamespaces": Variant("as", ["ipc"]),
-        "Register": Variant("b", False),
     })
     assert spec.machine == "box" and spec.root == str(tmp_path)
     assert spec.hostname == "inbox"
-    assert [m.kind for m in spec.mounts] == ["bind-ro", "tmp"]
+    assert [m.kind for m in spec.mounts] == ["bind-ro", "tmp", "tmp"]
+    assert spec.mounts[2] == MountSpec("tmp", "/tmp", options="size=16M")
+    assert spec.ephemeral and spec.ephemeral_size == "1G"
     assert spec.setenv == (("A", "1,2"), ("B", "x"))  # one item per entry, commas kept
     assert {"net", "user"} <= spec.namespaces and "ipc" not in spec.namespaces
     assert spec.properties[0].name == "MemoryMax"
-    assert spec.register is False and spec.machine_id is not None
+    assert spec.register is True and spec.machine_id is not None
 
 
 @pytest.mark.parametrize(("options", "message"), [
@@ -226,10 +230,41 @@ def test_options_mirror_the_cli(tmp_path: Path) -> None:
     ({"PrivateUsersOwnership": Variant("s", "bind")}, "must be one of auto, map, chown"),
     ({"BaseEnvironment": Variant("as", ["PATH"])}, "'PATH' is not NAME=VALUE"),
     ({"LandlockScope": Variant("s", "files")}, "unknown scope 'files'"),
+    ({"Netifs": Variant("as", [""]), "NoNamespaces": Variant("as", ["net"])},
+     "--no-netns contradicts --netif"),
+    ({"NetifAddresses": Variant("as", ["lo=10.0.0.1/8"])}, "--netif-address needs --netif"),
+    ({"UserMap": Variant("as", ["0:100000:65536"]), "NoNamespaces": Variant("as", ["user"])},
+     "--no-userns contradicts --user-map"),
+    ({"Properties": Variant("as", ["MemoryMax=64M"]), "Register": Variant("b", False)},
+     "needs --register=yes"),
+    ({"Tmpfs": Variant("as", ["/tmp:size=0"])}, "invalid --tmpfs '/tmp:size=0': size '0'"),
+    ({"EphemeralSize": Variant("s", "1G")}, "--ephemeral-size needs --ephemeral"),
+    ({"EphemeralSize": Variant("s", "")}, "invalid --ephemeral-size: size ''"),
+    ({"Hostname": Variant("s", "rel_x")}, "invalid hostname 'rel_x'"),
+    ({"Hostname": Variant("s", "-rel")}, "invalid hostname '-rel'"),
+    ({"Hostname": Variant("s", "a\nb")}, r"invalid hostname 'a\\nb'"),
+    ({"NetifRoutes": Variant("as", ["lo=default,via=x"])},
+     r"^invalid --netif-route 'lo=default,via=x': bad gateway 'x'$"),
 ])
 def test_bad_options_are_one_line_errors(options: dict[str, Variant], message: str) -> None:
     with pytest.raises(SpecError, match=message) as e:
         spec_from_options("x", "", ["true"], options)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"NoNamespaces": Variant("as", ["pid"])}, "boot contradicts --no-pidns"),
+    ({"NoNamespaces": Variant("as", ["uts"])}, "boot contradicts --no-utsns"),
+    ({"User": Variant("s", "root")}, "boot takes no --user"),
+    ({"WorkingDirectory": Variant("s", "/")}, "boot takes no --chdir"),
+    ({"KeepEnvironment": Variant("b", True)}, "boot takes no --keepenv"),
+])
+def test_boot_contradictions_are_one_line_errors(tmp_path: Path, options: dict[str, Variant],
+                                                 message: str) -> None:
+    (tmp_path / "sbin").mkdir()
+    (tmp_path / "sbin/init").symlink_to("/bin/busybox")
+    with pytest.raises(SpecError, match=message) as e:
+        spec_from_options("x", str(tmp_path), [], {"Boot": Variant("b", True), **options})
     assert "\n" not in str(e.value)
 
 
@@ -281,6 +316,8 @@ async def test_tree_introspection_and_manager_properties(bus_address: str,
 
 @pytest.mark.parametrize(("call", "error"), [
     ((MANAGER_PATH, MANAGER_IFACE, "GetContainer", "s", ["nope"]),
+     "io.machinepy1.Error.NoSuchContainer"),
+    ((MANAGER_PATH, MANAGER_IFACE, "GetContainer", "s", ["two\nlines"]),
      "io.machinepy1.Error.NoSuchContainer"),
     ((MANAGER_PATH, MANAGER_IFACE, "GetContainer", "i", [1]),
      "org.freedesktop.DBus.Error.InvalidArgs"),
@@ -436,6 +473,56 @@ async def test_setup_failure_is_an_error_and_leaves_nothing(client: Client,
     # The name is free again.
     await create(client, "broken", str(busybox_root), ["/bin/true"])
     assert (await client.wait_signal("ContainerRemoved", "broken")).body[2] == 0
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("name", ["-rel", "rel-", "rel_x", "a.-b", "x.", ".host",
+                                  "two\nlines"])
+async def test_names_machined_refuses_are_invalid_arguments(client: Client, name: str) -> None:
+    # Refused up front (machined's own rules), not by RegisterMachine after the
+    # container is made; here registration is off, so only the check can refuse.
+    with pytest.raises(Reply) as e:
+        await create(client, name, "/", ["/bin/true"])
+    assert e.value.name == "io.machinepy1.Error.InvalidArgument", e.value
+    assert "invalid machine name" in e.value.text and e.value.text.isprintable()
+    assert await client.manager("ListContainers") == [[]]
+    assert not any(m.member == "ContainerNew" for m in client.signals)
+
+
+def _open_fds() -> dict[int, str]:
+    fds = {}
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            fds[int(fd)] = os.readlink(f"/proc/self/fd/{fd}")
+    return fds
+
+
+@pytest.mark.root
+@pytest.mark.parametrize(("netifs", "routes"), [
+    (["nosuchdev0:eth0"], []),  # refused by the up-front checks
+    (["veth:lo:host0"], []),
+    (["bridge:lo:eth0"], []),
+    (["macvlan:lo:mv0"], []),  # refused by the kernel, after the sockets are made
+    ([""], ["lo=10.9.0.0/16,via=10.231.99.1"]),  # unreachable gateway, at the last step
+])
+async def test_failed_network_setup_leaks_no_fd_or_namespace(
+        client: Client, netifs: list[str], routes: list[str]) -> None:
+    # Each failed setup used to leave a netlink socket open in the service,
+    # bound to the dead container's network namespace (keeping it alive).
+    opts = {"Netifs": Variant("as", netifs), "NetifRoutes": Variant("as", routes)}
+
+    async def fail() -> None:
+        with pytest.raises(Reply) as e:
+            await create(client, "badnet", "/", ["/bin/true"], **opts)
+        assert e.value.name == "io.machinepy1.Error.Failed", e.value
+
+    await fail()  # the first call may import and cache what later calls reuse
+    before = _open_fds()
+    for _ in range(20):
+        await fail()
+    leaked = {fd: what for fd, what in _open_fds().items() if before.get(fd) != what}
+    assert not leaked
+    assert await client.manager("ListContainers") == [[]]
 
 
 @pytest.mark.root

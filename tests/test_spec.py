@@ -24,7 +24,10 @@ from machinepy.spec import (
     parse_netif_address,
     parse_netif_route,
     parse_setenv,
+    parse_size,
+    parse_tmpfs,
     parse_user_map,
+    quote,
     split_escaped,
     validate,
 )
@@ -59,6 +62,47 @@ def test_escaped_colons_and_commas_in_paths(parts: list[str]) -> None:
     assert m.source == odd
 
 
+def test_tmpfs_specs() -> None:
+    assert parse_tmpfs("/scratch") == MountSpec("tmp", dest="/scratch")
+    assert parse_tmpfs("/x:size=64M,mode=700") == MountSpec("tmp", "/x",
+                                                           options="size=64M,mode=700")
+    assert parse_tmpfs("/x:nr_inodes=10k,size=5%").options == "nr_inodes=10k,size=5%"
+    assert parse_tmpfs("/a\\:b:size=1m") == MountSpec("tmp", "/a:b", options="size=1m")
+    assert parse_mount("tmp:/x:size=1g") == MountSpec("tmp", "/x", options="size=1g")
+    assert parse_size("100%", "--ephemeral-size") == "100%"
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("/x:size=0", "size '0' is not a number"),  # 0: no limit at all
+    ("/x:size=0%", "size '0%'"),
+    ("/x:size=101%", "size '101%'"),
+    ("/x:size=lots", "size 'lots'"),
+    ("/x:size=-1", "size '-1'"),
+    ("/x:size=1m\n", "size '1m\\n'"),
+    ("/x:nr_inodes=0", "nr_inodes '0'"),
+    ("/x:mode=999", "mode '999' is not an octal mode"),
+    ("/x:size=1m,size=2m", "'size' given twice"),
+    ("/x:uid=0", "unknown tmpfs option 'uid=0'"),
+    ("/x:size", "unknown tmpfs option 'size'"),
+    ("/x:", "unknown tmpfs option ''"),
+    ("rel:size=1m", "'rel' is not absolute"),
+    ("/x:size=1m:mode=700", "expected PATH[:OPTIONS]"),
+])
+def test_bad_tmpfs(text: str, fragment: str) -> None:
+    with pytest.raises(SpecError) as exc:
+        parse_tmpfs(text)
+    assert str(exc.value).startswith(f"invalid --tmpfs {quote(text)}: ")
+    assert fragment in str(exc.value) and str(exc.value).isprintable(), str(exc.value)
+
+
+def test_ephemeral_size() -> None:
+    for bad in ("0", "", "1.5G", "200%", "1 G"):
+        with pytest.raises(SpecError, match="invalid --ephemeral-size: size"):
+            parse_size(bad, "--ephemeral-size")
+    with pytest.raises(SpecError, match="--ephemeral-size needs --ephemeral"):
+        validate(ContainerSpec(command=("true",), root="/", ephemeral_size="1G"))
+
+
 def test_tmp_and_overlay() -> None:
     assert parse_mount("tmp:/scratch") == MountSpec("tmp", dest="/scratch")
     assert parse_mount("overlay:/up:/usr:/work") == MountSpec(
@@ -69,7 +113,9 @@ def test_tmp_and_overlay() -> None:
     ("nfs:/a:/b", "unknown mount type 'nfs'"),
     ("bind:relative:/b", "'relative' is not absolute"),
     ("bind:/a", "bind takes 2 path(s), got 1"),
-    ("tmp:/a:/b", "tmp takes 1 path(s), got 2"),
+    ("tmp:/a:/b", "unknown tmpfs option '/b'"),
+    ("tmp:/a:/b:/c", "tmp takes 1 path(s), got 3"),
+    ("tmp:/a:size=0", "size '0' is not a number"),
     ("overlay:/a:/b", "overlay takes 3 path(s)"),
     ("bind:/a:/b\\", "trailing backslash"),
 ])
@@ -89,7 +135,7 @@ def test_mount_parser_fails_only_with_spec_error(text: str) -> None:
 @given(st.text(max_size=40))
 def test_other_parsers_fail_only_with_spec_error(text: str) -> None:
     for parser in (parse_netif, parse_netif_address, parse_netif_route, parse_setenv,
-                   parse_user_map):
+                   parse_user_map, parse_tmpfs):
         with contextlib.suppress(SpecError):
             parser(text)
 
@@ -136,10 +182,63 @@ def test_setenv() -> None:
 
 
 def test_machine_names() -> None:
-    assert check_machine_name("pflask-123") == "pflask-123"
+    for good in ("pflask-123", "a", "a--b", "web.example.org", "A1", "0", "x" * 64):
+        assert check_machine_name(good) == good
     for bad in ("", "a b", "x" * 65, "../x", "a..b", ".x", "box\n"):
         with pytest.raises(SpecError):
             check_machine_name(bad)
+
+
+# What machined (hostname_is_valid(name, 0)) refuses, and so registration would.
+MACHINED_REFUSES = ("-rel", "rel-", "rel_x", "a.-b", "a-.b", "x.", "x.y.", ".host", "é",
+                    "a\nb", "a\tb")
+
+
+@pytest.mark.parametrize("name", MACHINED_REFUSES)
+def test_names_machined_refuses_are_refused_for_machine_and_hostname(name: str) -> None:
+    for kw, what in (({"machine": name}, "invalid machine name"),
+                     ({"hostname": name}, "invalid hostname")):
+        with pytest.raises(SpecError, match=what) as exc:
+            validate(spec(**kw))
+        assert "\n" not in str(exc.value) and "\t" not in str(exc.value)
+
+
+def test_echoed_values_are_quoted_and_one_line() -> None:
+    assert quote("plain") == "'plain'"
+    assert quote("a\nb") == "'a\\nb'"
+    assert quote("it's") == "'it\\'s'"
+    assert quote("\x1b[2J") == "'\\x1b[2J'"
+    with pytest.raises(SpecError) as exc:
+        check_machine_name("evil\nmachinepy: all fine")
+    assert str(exc.value).startswith("invalid machine name 'evil\\nmachinepy: all fine'")
+    for parser, text in ((parse_mount, "tmp:rel\nx"), (parse_netif, "a\x00:b"),
+                         (parse_setenv, "A\n=1"), (parse_user_map, "1:2:3\n"),
+                         (parse_netif_address, "e\n=1.2.3.4/8"),
+                         (parse_netif_route, "eth0=default,via=1.2.3.4\n")):
+        with pytest.raises(SpecError) as exc:
+            parser(text)
+        assert str(exc.value).isprintable(), str(exc.value)
+
+
+@given(st.text(max_size=20))
+def test_quote_is_always_printable_and_reversible(text: str) -> None:
+    q = quote(text)
+    assert q.isprintable()
+    assert q[0] == q[-1] == "'"
+    assert q[1:-1].encode("latin-1", "backslashreplace").decode("unicode_escape") == text
+
+
+def test_netif_route_errors_name_the_option_once() -> None:
+    for bad, why in (("eth0=default,via=bogus", "bad gateway 'bogus'"),
+                     ("eth0=10.0.0.0/8,metric=3", "unknown option 'metric'"),
+                     ("eth0=nowhere", "bad destination 'nowhere'"),
+                     ("eth0=default", "a default route needs via=GATEWAY"),
+                     ("e/th0=10.0.0.0/8", "'e/th0' is not a valid interface name")):
+        with pytest.raises(SpecError) as exc:
+            parse_netif_route(bad)
+        assert str(exc.value) == f"invalid --netif-route {quote(bad)}: {why}" or (
+            str(exc.value).count("invalid --netif-route") == 1 and why in str(exc.value))
+        assert str(exc.value).count("invalid --netif-route") == 1, str(exc.value)
 
 
 def spec(**kw: object) -> ContainerSpec:
