@@ -93,8 +93,12 @@ class RangeHold:
         pid = os.fork()
         if pid == 0:  # plain syscalls only
             try:
-                os.close(ready_r)
-                os.close(self._release)
+                # Only our two pipes: a copy of, say, `run -d`'s report pipe
+                # would keep the foreground process waiting for its end.
+                low, high = sorted((ready_w, release_r))
+                os.closerange(0, low)
+                os.closerange(low + 1, high)
+                os.closerange(high + 1, 1 << 20)
                 linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
                 if os.getppid() == parent:  # else the parent died before the prctl
                     linux.unshare(linux.CLONE_NEWUSER)
