@@ -63,8 +63,8 @@ def base_dir() -> str:
         return ROOT_DIR
     runtime = os.environ.get("XDG_RUNTIME_DIR", "")
     if not runtime.startswith("/"):
-        raise AttachError("--detach as a user needs XDG_RUNTIME_DIR (the per-user runtime "
-                          "directory) for its console socket")
+        raise AttachError("XDG_RUNTIME_DIR is not set: a user's detached consoles live in "
+                          "$XDG_RUNTIME_DIR/machinepy/attach")
     return os.path.join(runtime, "machinepy")
 
 

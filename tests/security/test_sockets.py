@@ -11,9 +11,13 @@ supervisor, SIGKILL included.
 from __future__ import annotations
 
 import os
+import pwd
+import shutil
 import signal
 import socket
+import stat
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +27,8 @@ from typing import NamedTuple
 import pytest
 
 from tests.security.conftest import MACHINEPY, assert_blocked, run_in, run_probe
+from tests.test_userns import REPO, SYSTEM_PYTHON
+from tests.test_userns import unprivileged_user as unprivileged_user  # the fixture
 
 pytestmark = pytest.mark.root
 
@@ -344,3 +350,59 @@ def test_next_start_sweeps_what_a_double_sigkill_left(busybox_root: Path) -> Non
         assert os.readlink(ATTACH_DIR / v.name) == again.target
     finally:
         stop(again)
+
+
+# -- a user's own detached containers ---------------------------------------------------------
+
+def _as_user(user: pwd.struct_passwd, xdg: Path | None, *args: str,
+             timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    env = ["env", "-u", "XDG_RUNTIME_DIR", f"PYTHONPATH={REPO}"]
+    if xdg is not None:
+        env.append(f"XDG_RUNTIME_DIR={xdg}")
+    return subprocess.run(["runuser", "-u", user.pw_name, "--", *env, SYSTEM_PYTHON, "-m",
+                           "machinepy", "run", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd="/")
+
+
+def test_user_detach_needs_a_runtime_dir(unprivileged_user: pwd.struct_passwd,
+                                         busybox_root: Path) -> None:
+    r = _as_user(unprivileged_user, None, "-d", "--register=no", "-e",
+                 f"0:{unprivileged_user.pw_uid}:1", "-r", str(busybox_root), "--", "true")
+    assert (r.returncode, r.stdout) == (2, ""), r.stderr
+    assert r.stderr.splitlines() == ["machinepy: XDG_RUNTIME_DIR is not set: a user's "
+                                     "detached consoles live in $XDG_RUNTIME_DIR/machinepy/attach"]
+
+
+def test_user_detaches_and_attaches_in_its_runtime_dir(unprivileged_user: pwd.struct_passwd,
+                                                       busybox_root: Path) -> None:
+    uid = unprivileged_user.pw_uid
+    xdg = Path(tempfile.mkdtemp(prefix="mpytest-xdg-", dir="/var/tmp"))
+    os.chown(xdg, uid, unprivileged_user.pw_gid)
+    name = f"user-{os.getpid()}"
+    attach_dir = xdg / "machinepy" / "attach"
+    supervisor = 0
+    try:
+        r = _as_user(unprivileged_user, xdg, "-d", "--register=no", "-e", f"0:{uid}:1",
+                     "-r", str(busybox_root), "--machine", name, "--", *TICKER)
+        assert (r.returncode, r.stdout.strip()) == (0, name), r.stderr
+        assert stat.S_IMODE(attach_dir.stat().st_mode) == 0o700
+        assert attach_dir.stat().st_uid == uid
+        target = os.readlink(attach_dir / name)
+        supervisor = int(target[1:].split(".")[0])
+        p = subprocess.Popen(["runuser", "-u", unprivileged_user.pw_name, "--", "env",
+                              f"PYTHONPATH={REPO}", f"XDG_RUNTIME_DIR={xdg}", SYSTEM_PYTHON,
+                              "-m", "machinepy", "run", "-a", name], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")
+        try:
+            out, err = p.communicate(timeout=2)
+        except subprocess.TimeoutExpired:
+            p.terminate()
+            out, err = p.communicate(timeout=10)
+        assert "tick" in out and f"Attached to {name}." in err, err
+        os.kill(supervisor, signal.SIGKILL)
+        wait_for(lambda: gone(supervisor), "the supervisor to go")
+        wait_for(lambda: not (xdg / "machinepy").exists(), "its runtime dir entries to go")
+    finally:
+        if supervisor and not gone(supervisor):
+            os.kill(supervisor, signal.SIGKILL)
+        shutil.rmtree(xdg)
