@@ -19,9 +19,9 @@ SCM_RIGHTS and relays it; while a client is attached the supervisor stops
 draining the console, and resumes when the client hangs up (^]^]^]).
 
 Clean-up: the supervisor removes its entries on every path it lives through;
-for SIGKILL, a small holder process (started once, waiting on the supervisor's
-pidfd) sweeps them when it dies; and every start sweeps the entries of dead
-supervisors.  Changes to the directory happen under flock(2) on it.
+for SIGKILL, its janitor (machinepy.janitor) does; and every start sweeps the
+entries of dead supervisors.  Changes to the directory happen under flock(2)
+on it.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import socket
 import stat
 import struct
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from machinepy import console as consolemod
 from machinepy.loop import LoopLike, MiniLoop
@@ -166,7 +166,7 @@ def _owner_of(dir_fd: int, name: str) -> tuple[int, int] | None:
 
 
 def sweep(dir_fd: int) -> None:
-    """Remove the entries of supervisors that are gone (SIGKILLed, with their holder)."""
+    """Remove the entries of supervisors that are gone (SIGKILLed, and their janitor too)."""
     for name in os.listdir(dir_fd):
         owner = _owner_of(dir_fd, name)
         if owner is None or not alive(*owner):
@@ -229,42 +229,43 @@ def check_peer(conn: socket.socket, expect: tuple[int, int] | None = None) -> st
 
 # -- the server (in the detached supervisor) ----------------------------------------------
 
-_holder_started = False
+def _forget(dir_fd: int, target: str) -> None:
+    """Remove the socket TARGET and the keys naming it; the caller holds the lock."""
+    for name in os.listdir(dir_fd):
+        with contextlib.suppress(OSError):
+            if name == target or (not name.startswith("@") and
+                                  os.readlink(name, dir_fd=dir_fd) == target):
+                os.unlink(name, dir_fd=dir_fd)
 
 
-def _start_holder() -> None:
-    """Once per supervisor: a process that sweeps our entries when we die, SIGKILL
-    included.  It waits on our pidfd, so it costs no wake-ups while we live."""
-    global _holder_started
-    if _holder_started:
-        return
-    import subprocess
-
-    pidfd = os.pidfd_open(os.getpid())
+def forget(sock_path: str) -> None:
+    """The janitor's job (machinepy.janitor ATTACH) after a supervisor is gone:
+    its socket at SOCK_PATH and its keys, and only those (a key may meanwhile
+    name another supervisor); then the directory if that left it empty."""
+    path, target = os.path.split(sock_path)
     try:
-        top = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        code = (f"import sys; sys.path.insert(0, {top!r}); "
-                f"from machinepy.attach import hold; hold({pidfd})")
-        subprocess.Popen([sys.executable, "-S", "-E", "-c", code], pass_fds=(pidfd,),
-                         stdin=subprocess.DEVNULL, cwd="/")
+        fd = os.open(path, _DIR_FLAGS)
+    except OSError:
+        return  # the supervisor got there first
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid() or st.st_mode & 0o077 or not _TARGET_RE.fullmatch(target):
+            return
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        _forget(fd, target)
+        remove_if_empty(path)
     finally:
-        os.close(pidfd)
-    _holder_started = True
-
-
-def hold(pidfd: int) -> None:
-    """The holder: wait for the supervisor behind PIDFD to exit, then sweep."""
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_IGN)  # a signal to the group is for the supervisor
-    select.select([pidfd], [], [])
-    with contextlib.suppress(AttachError, OSError), locked_dir("attach") as fd:
-        sweep(fd)
+        os.close(fd)
 
 
 class AttachServer:
-    """Serve MASTER to attaching clients, as KEYS (name, leader pid, our pid)."""
+    """Serve MASTER to attaching clients, as KEYS (name, leader pid, our pid).
 
-    def __init__(self, loop: LoopLike, master: int, keys: list[str]) -> None:
+    ON_SIGKILL(path) hands the socket's path to what cleans after a SIGKILL
+    (the supervisor's janitor)."""
+
+    def __init__(self, loop: LoopLike, master: int, keys: list[str],
+                 on_sigkill: Callable[[str], None] | None = None) -> None:
         self.master = master
         self.loop = loop
         self.client: socket.socket | None = None
@@ -275,6 +276,8 @@ class AttachServer:
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             with locked_dir("attach") as fd:
+                if on_sigkill is not None:
+                    on_sigkill(os.path.join(base_dir(), "attach", self.target))
                 sweep(fd)
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.target, dir_fd=fd)  # ours, from before a reboot
@@ -292,7 +295,6 @@ class AttachServer:
             self.listener.close()
             self._unlink()
             raise
-        _start_holder()
         self.listener.setblocking(False)
         self.loop.add_reader(self.listener.fileno(), self._accept)
         os.set_blocking(master, False)
@@ -350,12 +352,7 @@ class AttachServer:
     def _unlink(self) -> None:
         """Our entries, and only ours: a key may meanwhile name another supervisor."""
         with contextlib.suppress(AttachError, OSError), locked_dir("attach") as fd:
-            for key in self.keys:
-                with contextlib.suppress(OSError):
-                    if os.readlink(key, dir_fd=fd) == self.target:
-                        os.unlink(key, dir_fd=fd)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.target, dir_fd=fd)
+            _forget(fd, self.target)
         self.keys.clear()
 
     def close(self) -> None:

@@ -28,6 +28,7 @@ from machinepy import cgroup
 UNLINK = "unlink"
 RMDIR = "rmdir"
 CGROUP = "cgroup"  # cgroup.kill, then rmdir (see machinepy.cgroup.remove)
+ATTACH = "attach"  # a console socket and its keys (see machinepy.attach.forget)
 
 
 class Janitor:
@@ -95,3 +96,7 @@ def serve() -> None:
                 os.rmdir(path)
             elif kind == CGROUP:
                 cgroup.remove(path)
+            elif kind == ATTACH:
+                from machinepy import attach
+
+                attach.forget(path)
