@@ -404,3 +404,28 @@ def test_user_detaches_and_attaches_in_its_runtime_dir(unprivileged_user: pwd.st
         if supervisor and not gone(supervisor):
             os.kill(supervisor, signal.SIGKILL)
         shutil.rmtree(xdg)
+
+
+# -- the uid-range locks of --private-users=pick -------------------------------------------
+
+def test_container_cannot_squat_a_uid_range(busybox_root: Path, probe: Callable[[str], Path],
+                                            mode: tuple[str, ...]) -> None:
+    from machinepy.userns import pick
+
+    tree = Path(tempfile.mkdtemp(prefix="mpytest-range-", dir="/var/tmp"))
+    try:
+        first, hold = pick(str(tree))  # the range this tree's hash points at
+        assert hold is not None
+        hold.close()
+        # The old lock was this abstract name: whoever bound it first had the range.
+        squatter = _squat(busybox_root, probe("attach_squat"), f"@machinepy/uid-range/{first}",
+                          opts=mode)
+        try:
+            again, hold = pick(str(tree))
+            assert hold is not None
+            hold.close()
+        finally:
+            _squatter_output(squatter)
+        assert again == first
+    finally:
+        tree.rmdir()
