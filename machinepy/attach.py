@@ -1,45 +1,302 @@
 # SPDX-License-Identifier: BSD-2-Clause
 """Detached containers: their supervisor keeps the console, clients attach to it.
 
-As pflask does, the supervisor of a detached container listens on abstract
-unix sockets (no file to clean up, gone with the process) named after the
-machine and its leader pid.  An attaching client receives the pty master over
+The supervisor of a detached container listens on one unix socket in a private
+directory, /run/machinepy/attach (0700; $XDG_RUNTIME_DIR/machinepy/attach for
+other users), never on an abstract name: those are per network namespace, so
+any container sharing the host's network could connect or squat the name.
+
+    attach/@PID.START      the socket, named after its supervisor (pid, start time)
+    attach/KEY -> @PID.START   one symlink per key: the machine name, the
+                           leader's pid and the supervisor's pid
+
+The symlink is the record the client checks the server against: before it
+sends or receives a byte, the peer (SO_PEERCRED/SO_PEERPIDFD) must be that
+very process, ours (or root's), in our user and pid namespaces.  The server
+checks its peers the same way, so nothing inside a container is served even
+where it reaches the socket.  An attaching client receives the pty master over
 SCM_RIGHTS and relays it; while a client is attached the supervisor stops
 draining the console, and resumes when the client hangs up (^]^]^]).
+
+Clean-up: the supervisor removes its entries on every path it lives through;
+for SIGKILL, its janitor (machinepy.janitor) does; and every start sweeps the
+entries of dead supervisors.  Changes to the directory happen under flock(2)
+on it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import os
+import re
+import select
 import signal
 import socket
+import stat
 import struct
 import sys
+from collections.abc import Callable, Iterator
 
 from machinepy import console as consolemod
 from machinepy.loop import LoopLike, MiniLoop
 
 GREETING = b"machinepy-console\n"
+ROOT_DIR = "/run/machinepy"
+SO_PEERPIDFD = 77  # Linux >= 6.5; not in Python 3.11's socket module
+_KEY_RE = re.compile(r"[0-9]+|[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
+_TARGET_RE = re.compile(r"@([0-9]+)\.([0-9]+)")
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def socket_address(key: str) -> str:
-    return f"\0machinepy/attach/{key}"
+class AttachError(Exception):
+    """One line, shown as `machinepy: MESSAGE`."""
+
+
+# -- the private directory ------------------------------------------------------------
+
+def base_dir() -> str:
+    """Where our private runtime directories live: /run/machinepy for root,
+    $XDG_RUNTIME_DIR/machinepy for other users."""
+    if os.geteuid() == 0:
+        return ROOT_DIR
+    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
+    if not runtime.startswith("/"):
+        raise AttachError("XDG_RUNTIME_DIR is not set: a user's detached consoles live in "
+                          "$XDG_RUNTIME_DIR/machinepy/attach")
+    return os.path.join(runtime, "machinepy")
+
+
+def _subdir(parent: int, name: str, path: str, create: bool, private: bool) -> int:
+    """Open (and make) PARENT/NAME without following symlinks; it must be ours and
+    writable by nobody else (PRIVATE: not even readable)."""
+    if create:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(name, 0o700 if private else 0o755, dir_fd=parent)
+    fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
+    st = os.fstat(fd)
+    bad = 0o077 if private else 0o022
+    if st.st_uid != os.geteuid() or st.st_mode & bad:
+        os.close(fd)
+        raise AttachError(f"{path}: not a private directory (owner {st.st_uid}, mode "
+                          f"{stat.S_IMODE(st.st_mode):04o}); refusing to use it")
+    return fd
+
+
+def open_private_dir(sub: str, create: bool) -> tuple[int, str]:
+    """(fd, path) of BASE/SUB, e.g. /run/machinepy/attach.  FileNotFoundError when
+    it does not exist and CREATE is false."""
+    base = base_dir()
+    top, name = os.path.split(base)
+    try:
+        top_fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise AttachError(f"{top}: {e.strerror}") from None
+    try:
+        st = os.fstat(top_fd)
+        if st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:
+            raise AttachError(f"{top}: writable by others; refusing to use it")
+        base_fd = _subdir(top_fd, name, base, create, private=os.geteuid() != 0)
+    finally:
+        os.close(top_fd)
+    try:
+        return _subdir(base_fd, sub, os.path.join(base, sub), create, private=True), \
+            os.path.join(base, sub)
+    finally:
+        os.close(base_fd)
+
+
+@contextlib.contextmanager
+def locked_dir(sub: str) -> Iterator[int]:
+    """The private directory SUB, made if needed and flock'ed; removed on the way out
+    when empty (as the daemon does with its state dir: nothing left behind)."""
+    for _ in range(20):
+        try:
+            fd, path = open_private_dir(sub, create=True)
+        except FileNotFoundError:
+            continue  # a parent was removed under us: make it again
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if os.fstat(fd).st_nlink > 0:
+            break
+        os.close(fd)  # removed while we waited for the lock
+    else:
+        raise AttachError(f"{base_dir()}/{sub}: keeps disappearing")
+    try:
+        yield fd
+    finally:
+        remove_if_empty(path)
+        os.close(fd)  # drops the lock
+
+
+def remove_if_empty(path: str) -> None:
+    """rmdir PATH and then its parent if empty; the caller holds PATH's lock."""
+    with contextlib.suppress(OSError):
+        os.rmdir(path)
+        os.rmdir(os.path.dirname(path))
+
+
+def process_key(pid: int) -> tuple[int, str] | None:
+    """(start time, state) of PID from /proc/PID/stat, None when gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[19]), fields[0].decode()
+
+
+def alive(pid: int, start: int) -> bool:
+    """Whether the process PID that started at START still runs (not a zombie)."""
+    key = process_key(pid)
+    return key is not None and key[0] == start and key[1] not in ("Z", "X")
+
+
+def _owner_of(dir_fd: int, name: str) -> tuple[int, int] | None:
+    """(pid, start) named by entry NAME (a socket `@PID.START` or a key symlink to one)."""
+    if name.startswith("@"):
+        target = name
+    else:
+        try:
+            target = os.readlink(name, dir_fd=dir_fd)
+        except OSError:
+            return None
+    m = _TARGET_RE.fullmatch(target)
+    return (int(m[1]), int(m[2])) if m else None
+
+
+def sweep(dir_fd: int) -> None:
+    """Remove the entries of supervisors that are gone (SIGKILLed, and their janitor too)."""
+    for name in os.listdir(dir_fd):
+        owner = _owner_of(dir_fd, name)
+        if owner is None or not alive(*owner):
+            with contextlib.suppress(OSError):
+                os.unlink(name, dir_fd=dir_fd)
+
+
+# -- peer checks -------------------------------------------------------------------------
+
+def _same_namespaces(pid: int) -> bool:
+    for ns in ("user", "pid"):
+        try:
+            theirs = os.stat(f"/proc/{pid}/ns/{ns}")
+            ours = os.stat(f"/proc/self/ns/{ns}")
+        except OSError:
+            return False
+        if (theirs.st_dev, theirs.st_ino) != (ours.st_dev, ours.st_ino):
+            return False
+    return True
+
+
+def check_peer(conn: socket.socket, expect: tuple[int, int] | None = None) -> str | None:
+    """Why the peer of CONN is not to be trusted, or None.
+
+    It must be ours or root's, in our user and pid namespaces (so in no
+    container), and with EXPECT = (pid, start time), exactly that process.  The
+    peer's pidfd (SO_PEERPIDFD) still running after /proc was read proves the
+    pid was not reused in between.
+    """
+    pid, uid, _gid = struct.unpack("3i", conn.getsockopt(
+        socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    if pid <= 0:
+        return "peer outside our pid namespace"
+    if uid not in (0, os.geteuid()):
+        return f"peer runs as uid {uid}"
+    try:
+        pidfd = struct.unpack("i", conn.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD, 4))[0]
+    except OSError as e:
+        if e.errno != errno.ENOPROTOOPT:
+            return f"peer: {e.strerror}"
+        try:  # before 6.5: a pid reused meanwhile fails the start-time check below
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            return "peer is gone"
+    try:
+        if expect is not None:
+            if pid != expect[0]:
+                return f"served by pid {pid}, not by its supervisor {expect[0]}"
+            key = process_key(pid)
+            if key is None or key[0] != expect[1]:
+                return f"pid {pid} is not the supervisor that made the socket"
+        if not _same_namespaces(pid):
+            return f"peer pid {pid} is in another user or pid namespace (a container)"
+        if select.select([pidfd], [], [], 0)[0]:
+            return "peer is gone"
+    finally:
+        os.close(pidfd)
+    return None
+
+
+# -- the server (in the detached supervisor) ----------------------------------------------
+
+def _forget(dir_fd: int, target: str) -> None:
+    """Remove the socket TARGET and the keys naming it; the caller holds the lock."""
+    for name in os.listdir(dir_fd):
+        with contextlib.suppress(OSError):
+            if name == target or (not name.startswith("@") and
+                                  os.readlink(name, dir_fd=dir_fd) == target):
+                os.unlink(name, dir_fd=dir_fd)
+
+
+def forget(sock_path: str) -> None:
+    """The janitor's job (machinepy.janitor ATTACH) after a supervisor is gone:
+    its socket at SOCK_PATH and its keys, and only those (a key may meanwhile
+    name another supervisor); then the directory if that left it empty."""
+    path, target = os.path.split(sock_path)
+    try:
+        fd = os.open(path, _DIR_FLAGS)
+    except OSError:
+        return  # the supervisor got there first
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid() or st.st_mode & 0o077 or not _TARGET_RE.fullmatch(target):
+            return
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        _forget(fd, target)
+        remove_if_empty(path)
+    finally:
+        os.close(fd)
 
 
 class AttachServer:
-    def __init__(self, loop: LoopLike, master: int, keys: list[str]) -> None:
+    """Serve MASTER to attaching clients, as KEYS (name, leader pid, our pid).
+
+    ON_SIGKILL(path) hands the socket's path to what cleans after a SIGKILL
+    (the supervisor's janitor)."""
+
+    def __init__(self, loop: LoopLike, master: int, keys: list[str],
+                 on_sigkill: Callable[[str], None] | None = None) -> None:
         self.master = master
         self.loop = loop
-        self.socks: list[socket.socket] = []
-        for key in keys:
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-            s.bind(socket_address(key))
-            s.listen(4)
-            s.setblocking(False)
-            self.loop.add_reader(s.fileno(), self._accept, s)
-            self.socks.append(s)
         self.client: socket.socket | None = None
+        start = process_key(os.getpid())
+        assert start is not None
+        self.target = f"@{os.getpid()}.{start[0]}"
+        self.keys: list[str] = []
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            with locked_dir("attach") as fd:
+                if on_sigkill is not None:
+                    on_sigkill(os.path.join(base_dir(), "attach", self.target))
+                sweep(fd)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.target, dir_fd=fd)  # ours, from before a reboot
+                # By the directory's fd: sun_path holds 108 bytes, $XDG_RUNTIME_DIR may be long.
+                self.listener.bind(f"/proc/self/fd/{fd}/{self.target}")
+                os.chmod(self.target, 0o600, dir_fd=fd, follow_symlinks=False)
+                self.listener.listen(4)
+                for key in keys:
+                    try:
+                        os.symlink(self.target, key, dir_fd=fd)
+                    except FileExistsError:
+                        continue  # a live supervisor has that name; our pid still works
+                    self.keys.append(key)
+        except BaseException:
+            self.listener.close()
+            self._unlink()
+            raise
+        self.listener.setblocking(False)
+        self.loop.add_reader(self.listener.fileno(), self._accept)
         os.set_blocking(master, False)
         self._drain_on()
 
@@ -63,14 +320,13 @@ class AttachServer:
             self.loop.remove_reader(self.master)
             self._drain_on()
 
-    def _accept(self, listener: socket.socket) -> None:
+    def _accept(self) -> None:
         try:
-            conn, _ = listener.accept()
+            conn, _ = self.listener.accept()
         except BlockingIOError:
             return
-        uid = struct.unpack("3i", conn.getsockopt(
-            socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[1]
-        if (uid not in (0, os.geteuid())) or self.client is not None:
+        # Not a byte to anyone in a container, nor to another user.
+        if self.client is not None or check_peer(conn) is not None:
             conn.close()
             return
         self.client = conn
@@ -93,16 +349,58 @@ class AttachServer:
             self.client = None
             self._resume()
 
+    def _unlink(self) -> None:
+        """Our entries, and only ours: a key may meanwhile name another supervisor."""
+        with contextlib.suppress(AttachError, OSError), locked_dir("attach") as fd:
+            _forget(fd, self.target)
+        self.keys.clear()
+
     def close(self) -> None:
-        for s in self.socks:
-            self.loop.remove_reader(s.fileno())
-            s.close()
-        self.socks.clear()
+        if self.listener.fileno() >= 0:
+            self.loop.remove_reader(self.listener.fileno())
+            self.listener.close()
+            self._unlink()
         self.loop.remove_reader(self.master)
         if self.client is not None:
             self.loop.remove_reader(self.client.fileno())
             self.client.close()
             self.client = None
+
+
+# -- the client -------------------------------------------------------------------------
+
+def connect(key: str) -> socket.socket:
+    """A connection to the supervisor serving KEY, checked before any byte moves.
+
+    FileNotFoundError when nobody serves KEY; AttachError when the server is
+    not the supervisor its record names."""
+    if not _KEY_RE.fullmatch(key) or len(key) > 64:
+        raise AttachError(f"invalid name '{key}': a machine name, a leader pid or a "
+                          f"supervisor pid")
+    fd, path = open_private_dir("attach", create=False)
+    try:
+        target = os.readlink(key, dir_fd=fd)
+        m = _TARGET_RE.fullmatch(target)
+        if m is None:
+            raise AttachError(f"{path}/{key}: not a record of ours")
+        st = os.stat(target, dir_fd=fd, follow_symlinks=False)
+        if not stat.S_ISSOCK(st.st_mode):
+            raise AttachError(f"{path}/{target}: not a socket")
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            try:
+                conn.connect(f"/proc/self/fd/{fd}/{target}")
+            except ConnectionRefusedError:
+                raise FileNotFoundError(errno.ENOENT, "its supervisor is gone") from None
+            why = check_peer(conn, (int(m[1]), int(m[2])))
+            if why is not None:
+                raise AttachError(f"refusing to attach to '{key}': {why}")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+    finally:
+        os.close(fd)
 
 
 async def _relay(loop: MiniLoop, master: int, conn: socket.socket) -> None:
@@ -133,19 +431,29 @@ async def _relay(loop: MiniLoop, master: int, conn: socket.socket) -> None:
 
 def attach(key: str) -> int:
     """`machinepy run --attach NAME|PID`: relay the console until ^]^]^]."""
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
-        conn.connect(socket_address(key))
-        msg, fds, _, _ = socket.recv_fds(conn, len(GREETING), 1)
+        conn = connect(key)
+        try:
+            msg, fds, _, _ = socket.recv_fds(conn, len(GREETING), 1)
+        except BaseException:
+            conn.close()
+            raise
+    except AttachError as e:
+        print(f"machinepy: {e}", file=sys.stderr)
+        return 2 if str(e).startswith("invalid name") else 1
     except OSError as e:
         if not key.isdigit() and _service_has(key):
             # Not a `run --detach` supervisor's: a container of the D-Bus service.
             from machinepy import client
 
             return client.main(["attach", key])
-        print(f"machinepy: cannot attach to '{key}': {e.strerror or e}", file=sys.stderr)
+        why = "no such detached container" if isinstance(e, FileNotFoundError) else e.strerror
+        print(f"machinepy: cannot attach to '{key}': {why or e}", file=sys.stderr)
         return 1
     if msg != GREETING or not fds:
+        for fd in fds:
+            os.close(fd)
+        conn.close()
         print(f"machinepy: cannot attach to '{key}': console busy or access denied",
               file=sys.stderr)
         return 1

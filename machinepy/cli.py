@@ -339,8 +339,13 @@ def _supervise(spec: ContainerSpec, **kw: Any) -> int:
 
 def _run_detached(spec: ContainerSpec) -> int:
     """Start the container under a background supervisor; print its name."""
-    from machinepy.attach import daemonize
+    from machinepy.attach import AttachError, base_dir, daemonize
 
+    try:
+        base_dir()  # a user without XDG_RUNTIME_DIR has nowhere to put the console socket
+    except AttachError as e:
+        print(f"machinepy: {e}", file=sys.stderr)
+        return 2
     report = daemonize()  # the foreground process exits in there, with the report
     assert report is not None
     fd = report[0]

@@ -5,10 +5,11 @@ The supervisor's exit stack undoes everything on every path it lives through.
 A few things outlive a SIGKILLed supervisor, though: the container dies with
 it (PDEATHSIG), but a cgroup directory or a socket file does not vanish by
 itself.  For those, a janitor: a small process of its own (a fresh interpreter
-that imports only this module and machinepy.cgroup) holding the read end of
-a pipe.  The supervisor writes each path to clean as it makes it; when the
-pipe reaches EOF — the supervisor exited, however — the janitor cleans every
-one (idempotently: the supervisor normally got there first) and exits.
+that imports only this module, machinepy.cgroup and, for a console socket,
+machinepy.attach) holding the read end of a pipe.  The supervisor writes each
+path to clean as it makes it; when the pipe reaches EOF — the supervisor
+exited, however — the janitor cleans every one (idempotently: the supervisor
+normally got there first) and exits.
 
 It is spawned (posix_spawn: no fork of our heap, no copy of our command line
 for `pidof` to find) in a session of its own, out of reach of the terminal's
@@ -28,6 +29,7 @@ from machinepy import cgroup
 UNLINK = "unlink"
 RMDIR = "rmdir"
 CGROUP = "cgroup"  # cgroup.kill, then rmdir (see machinepy.cgroup.remove)
+ATTACH = "attach"  # a console socket and its keys (see machinepy.attach.forget)
 
 
 class Janitor:
@@ -95,3 +97,7 @@ def serve() -> None:
                 os.rmdir(path)
             elif kind == CGROUP:
                 cgroup.remove(path)
+            elif kind == ATTACH:
+                from machinepy import attach
+
+                attach.forget(path)

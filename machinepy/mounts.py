@@ -471,7 +471,17 @@ def host_root_ops(spec: ContainerSpec) -> list[MountOp]:
         ops.append(Sysfs())
     if "pid" in spec.namespaces:
         ops.append(masks())
+    ops.append(Masks(own_runtime_dirs()))
     return ops
+
+
+def own_runtime_dirs() -> tuple[str, ...]:
+    """Where machinepy keeps its sockets and locks (machinepy.attach.base_dir): a
+    container on the host's root must not reach them, with or without a pid namespace."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
+    if os.geteuid() != 0 and runtime.startswith("/"):
+        return ("/run/machinepy", f"{runtime}/machinepy")
+    return ("/run/machinepy",)
 
 
 def build_plan(spec: ContainerSpec, console: str | None = None) -> list[MountOp]:

@@ -313,11 +313,20 @@ class Supervisor:
             stack.callback(self.on_console(master))
             return
         if self.console == "detached":
-            from machinepy.attach import AttachServer
+            from machinepy.attach import AttachError, AttachServer
 
-            self.attach_server = AttachServer(self.loop, master, [self.container.name,
-                                                       str(self.container.leader)])
             stack.callback(self._stop_console)
+            keys = [self.container.name, str(self.container.leader), str(os.getpid())]
+            from machinepy import janitor
+
+            try:
+                self.attach_server = AttachServer(
+                    self.loop, master, keys,
+                    on_sigkill=lambda path: self.janitor.add(janitor.ATTACH, path))
+            except (AttachError, OSError) as e:
+                # No console to reach: the container must not run on unreachable.
+                self.on_error(f"console socket: {e.strerror if isinstance(e, OSError) else e}")
+                self.terminate()
             return
         self.relay = consolemod.Relay(self.loop, master, self.on_escape,
                                       interactive=self.console == "interactive")

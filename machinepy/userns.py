@@ -5,7 +5,11 @@ As systemd-nspawn: a tree whose root directory is already owned by a
 multiple of 65536 keeps that range (it was shifted before); otherwise a range
 is picked from a hash of the root's path, checked against /etc/subuid,
 /etc/subgid, the users in passwd and the maps of every running user
-namespace, and held with an abstract socket for the supervisor's lifetime.
+namespace.  The range is held for the supervisor's lifetime by a small child
+living in a user namespace with that very map, so every later pick sees it as
+taken, and it dies with the supervisor (PDEATHSIG): nothing to squat, nothing
+left behind even after SIGKILL.  Picks exclude each other with flock(2) on
+/run/machinepy/locks (0700), out of any container's reach.
 
 Ownership, as nspawn's --private-users-ownership: "map" leaves the tree as it
 is and gives the container an idmapped mount of it (the kernel shows 0… as the
@@ -19,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
+import signal
 import stat
 import zlib
 from collections.abc import Iterator
@@ -78,15 +82,51 @@ def _taken(base: int) -> bool:
     return any(overlaps(start, count) for start, count in _maps_in_use())
 
 
-def _lock(base: int) -> socket.socket | None:
-    """Hold BASE while we run: released by the kernel when we die, SIGKILL included."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    try:
-        sock.bind(f"\0machinepy/uid-range/{base}")
-    except OSError:
-        sock.close()
-        return None
-    return sock
+class RangeHold:
+    """A child in a fresh user namespace mapping 0… to BASE…: the range is in use
+    (_maps_in_use sees it) while it lives; it exits when released or when we die."""
+
+    def __init__(self, base: int) -> None:
+        ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+        release_r, self._release = os.pipe2(os.O_CLOEXEC)
+        parent = os.getpid()
+        pid = os.fork()
+        if pid == 0:  # plain syscalls only
+            try:
+                # Only our two pipes: a copy of, say, `run -d`'s report pipe
+                # would keep the foreground process waiting for its end.
+                low, high = sorted((ready_w, release_r))
+                os.closerange(0, low)
+                os.closerange(low + 1, high)
+                os.closerange(high + 1, 1 << 20)
+                linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
+                if os.getppid() == parent:  # else the parent died before the prctl
+                    linux.unshare(linux.CLONE_NEWUSER)
+                    os.write(ready_w, b"1")
+                    os.read(release_r, 1)  # EOF: released, or the parent is gone
+            finally:
+                os._exit(0)
+        os.close(ready_w)
+        os.close(release_r)
+        self.pid = pid
+        try:
+            if os.read(ready_r, 1) != b"1":
+                raise OSError(1, "unshare(CLONE_NEWUSER) failed")
+            text = f"0 {base} {RANGE}\n"
+            for name in ("uid_map", "gid_map"):
+                with open(f"/proc/{pid}/{name}", "w") as f:
+                    f.write(text)
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            os.close(ready_r)
+
+    def close(self) -> None:
+        if self.pid:
+            os.close(self._release)
+            os.waitpid(self.pid, 0)
+            self.pid = 0
 
 
 def shifted_base(root: str) -> int | None:
@@ -97,20 +137,24 @@ def shifted_base(root: str) -> int | None:
     return None
 
 
-def pick(root: str) -> tuple[int, socket.socket | None]:
-    """(base, lock): the tree's own range, or a free one held by the returned socket."""
+def pick(root: str) -> tuple[int, RangeHold | None]:
+    """(base, hold): the tree's own range, or a free one held by the returned RangeHold."""
     base = shifted_base(root)
     if base is not None:
         return base, None
+    from machinepy.attach import AttachError, locked_dir
+
     slots = (LAST_BASE - FIRST_BASE) // RANGE
     start = zlib.crc32(os.path.realpath(root).encode()) % slots
-    for i in range(TRIES):
-        base = FIRST_BASE + ((start + i) % slots) * RANGE
-        if _taken(base):
-            continue
-        lock = _lock(base)
-        if lock is not None:
-            return base, lock
+    try:
+        with locked_dir("locks"):  # the map is visible to the next picker before it unlocks
+            for i in range(TRIES):
+                base = FIRST_BASE + ((start + i) % slots) * RANGE
+                if not _taken(base):
+                    return base, RangeHold(base)
+    except (AttachError, OSError) as e:
+        why = e.strerror if isinstance(e, OSError) else str(e)
+        raise UsernsError(f"--private-users=pick: holding a range: {why}") from None
     raise UsernsError("--private-users=pick: no free 65536-id range found")
 
 

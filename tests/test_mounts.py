@@ -22,6 +22,7 @@ from machinepy.mounts import (
     build_plan,
     open_in_root,
     staging_data,
+    own_runtime_dirs,
 )
 from machinepy.spec import ContainerSpec, MountSpec
 
@@ -66,7 +67,16 @@ def test_proc_and_firmware_masked_once_proc_and_sys_are_there(root: str | None) 
 
 def test_host_root_without_pid_namespace_keeps_the_hosts_proc() -> None:
     plan = build_plan(spec(namespaces=frozenset({"mount", "uts"})))
-    assert not any(isinstance(op, (Masks, FsMount, ReadOnly)) for op in plan)
+    assert not any(isinstance(op, (FsMount, ReadOnly)) for op in plan)
+    assert [op for op in plan if isinstance(op, Masks)] == [Masks(own_runtime_dirs())]
+
+
+@pytest.mark.parametrize("namespaces", [{"mount"}, {"mount", "pid", "net"}])
+def test_host_root_hides_machinepys_own_sockets(namespaces: set[str]) -> None:
+    plan = build_plan(spec(namespaces=frozenset(namespaces)))
+    assert any(isinstance(op, Masks) and "/run/machinepy" in op.inaccessible for op in plan)
+    assert not any(isinstance(op, Masks) and "/run/machinepy" in op.inaccessible
+                   for op in build_plan(spec(root="/r")))  # a chroot never sees it
 
 
 def test_no_cgroup_mount_without_cgroupns() -> None:

@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -248,3 +249,59 @@ def test_private_users_bad_input_is_one_line(args: list[str], message: str) -> N
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], r.stderr
+
+
+def test_a_picked_range_is_held_until_released(own_root: Path) -> None:
+    """Held by a process in a namespace with its map: the next pick moves on, and
+    nothing (no lock file, no process) stays once it is released."""
+    from machinepy.userns import pick
+
+    base, hold = pick(str(own_root))
+    assert hold is not None
+    try:
+        with open(f"/proc/{hold.pid}/uid_map") as f:
+            assert f.read().split() == ["0", str(base), "65536"]
+        other, hold2 = pick(str(own_root))  # same tree, same first choice: taken
+        assert hold2 is not None
+        hold2.close()
+        assert other != base
+    finally:
+        pid = hold.pid
+        hold.close()
+    assert not os.path.exists(f"/proc/{pid}")
+    again, hold3 = pick(str(own_root))
+    assert hold3 is not None
+    hold3.close()
+    assert again == base
+    assert not os.path.exists("/run/machinepy/locks")
+
+
+def _processes_with(arg: str) -> list[int]:
+    found = []
+    for p in Path("/proc").iterdir():
+        try:
+            if p.name.isdigit() and arg.encode() in (p / "cmdline").read_bytes().split(b"\0"):
+                found.append(int(p.name))
+        except OSError:
+            pass
+    return found
+
+
+def test_private_users_pick_detaches(own_root: Path) -> None:
+    # The range's holder must not keep `run -d`'s report pipe open: the
+    # foreground process returns as soon as the container runs.
+    name = f"pick-detached-{os.getpid()}"
+    try:
+        r = run([*MACHINEPY, "-d", "--private-users=pick", "--machine", name, "-r",
+                 str(own_root), "--", "/bin/sleep", "1000"])
+        assert (r.returncode, r.stdout.strip()) == (0, name), r.stderr
+        target = os.readlink(f"/run/machinepy/attach/{name}")
+        os.kill(int(target[1:].split(".")[0]), 9)  # container, range, attach entries: all go
+        for _ in range(100):
+            if not os.path.exists(f"/run/machinepy/attach/{target}"):
+                break
+            time.sleep(0.05)
+        assert not os.path.exists(f"/run/machinepy/attach/{target}")
+    finally:
+        for pid in _processes_with(name):  # only when it went wrong
+            os.kill(pid, 9)
