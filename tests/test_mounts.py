@@ -21,8 +21,8 @@ from machinepy.mounts import (
     Sysfs,
     build_plan,
     open_in_root,
-    staging_data,
     own_runtime_dirs,
+    staging_data,
 )
 from machinepy.spec import ContainerSpec, MountSpec
 
