@@ -31,20 +31,18 @@ import errno
 import fcntl
 import os
 import re
-import select
 import signal
 import socket
 import stat
-import struct
 import sys
 from collections.abc import Callable, Iterator
 
 from machinepy import console as consolemod
 from machinepy.loop import LoopLike, MiniLoop
+from machinepy.peer import alive, check_peer, process_key
 
 GREETING = b"machinepy-console\n"
 ROOT_DIR = "/run/machinepy"
-SO_PEERPIDFD = 77  # Linux >= 6.5; not in Python 3.11's socket module
 _KEY_RE = re.compile(r"[0-9]+|[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
 _TARGET_RE = re.compile(r"@([0-9]+)\.([0-9]+)")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -136,22 +134,6 @@ def remove_if_empty(path: str) -> None:
         os.rmdir(os.path.dirname(path))
 
 
-def process_key(pid: int) -> tuple[int, str] | None:
-    """(start time, state) of PID from /proc/PID/stat, None when gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return int(fields[19]), fields[0].decode()
-
-
-def alive(pid: int, start: int) -> bool:
-    """Whether the process PID that started at START still runs (not a zombie)."""
-    key = process_key(pid)
-    return key is not None and key[0] == start and key[1] not in ("Z", "X")
-
-
 def _owner_of(dir_fd: int, name: str) -> tuple[int, int] | None:
     """(pid, start) named by entry NAME (a socket `@PID.START` or a key symlink to one)."""
     if name.startswith("@"):
@@ -175,57 +157,6 @@ def sweep(dir_fd: int) -> None:
 
 
 # -- peer checks -------------------------------------------------------------------------
-
-def _same_namespaces(pid: int) -> bool:
-    for ns in ("user", "pid"):
-        try:
-            theirs = os.stat(f"/proc/{pid}/ns/{ns}")
-            ours = os.stat(f"/proc/self/ns/{ns}")
-        except OSError:
-            return False
-        if (theirs.st_dev, theirs.st_ino) != (ours.st_dev, ours.st_ino):
-            return False
-    return True
-
-
-def check_peer(conn: socket.socket, expect: tuple[int, int] | None = None) -> str | None:
-    """Why the peer of CONN is not to be trusted, or None.
-
-    It must be ours or root's, in our user and pid namespaces (so in no
-    container), and with EXPECT = (pid, start time), exactly that process.  The
-    peer's pidfd (SO_PEERPIDFD) still running after /proc was read proves the
-    pid was not reused in between.
-    """
-    pid, uid, _gid = struct.unpack("3i", conn.getsockopt(
-        socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
-    if pid <= 0:
-        return "peer outside our pid namespace"
-    if uid not in (0, os.geteuid()):
-        return f"peer runs as uid {uid}"
-    try:
-        pidfd = struct.unpack("i", conn.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD, 4))[0]
-    except OSError as e:
-        if e.errno != errno.ENOPROTOOPT:
-            return f"peer: {e.strerror}"
-        try:  # before 6.5: a pid reused meanwhile fails the start-time check below
-            pidfd = os.pidfd_open(pid)
-        except OSError:
-            return "peer is gone"
-    try:
-        if expect is not None:
-            if pid != expect[0]:
-                return f"served by pid {pid}, not by its supervisor {expect[0]}"
-            key = process_key(pid)
-            if key is None or key[0] != expect[1]:
-                return f"pid {pid} is not the supervisor that made the socket"
-        if not _same_namespaces(pid):
-            return f"peer pid {pid} is in another user or pid namespace (a container)"
-        if select.select([pidfd], [], [], 0)[0]:
-            return "peer is gone"
-    finally:
-        os.close(pidfd)
-    return None
-
 
 # -- the server (in the detached supervisor) ----------------------------------------------
 

@@ -15,9 +15,11 @@ where one holder costs one process per host and one fd per console.  It only
 holds, never reads: while no daemon runs, nobody drains the fd store either.
 Standard library only, no other machinepy import: it starts fast and small.
 
-Protocol, SOCK_SEQPACKET on SOCKET (root only: /run, and the peer's uid is
-checked): "PUT name" with one fd, "DEL name", "GET" (answered by one
-"FD name" with its fd per console, then "END").
+Protocol, SOCK_SEQPACKET on SOCKET: "PUT name" with one fd, "DEL name",
+"GET" (answered by one "FD name" with its fd per console, then "END").  Whoever
+may GET holds every container's console, so both ends trust only root outside
+every container (machinepy.peer): a host-root container's root has the host's
+/run, but not SOCKET's directory (masked in it) nor our pid namespace.
 """
 
 from __future__ import annotations
@@ -29,20 +31,28 @@ import socket
 import struct
 import sys
 
-SOCKET = "/run/machinepy-consoles.sock"
+from machinepy.peer import check_peer
+
+# Not in /run/machinepy, which holds only live containers' state (and goes
+# when they do); masked in host-root containers all the same (mounts.py).
+SOCKET = "/run/machinepy-holder/consoles.sock"
 UNIT = "machinepy-consoles.service"
 MAX_MSG = 512
 
 
-def peer_uid(sock: socket.socket) -> int:
+def _untrusted(sock: socket.socket) -> str | None:
+    """Why the peer is not root outside every container, or None."""
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return int(struct.unpack("3i", creds)[1])
+    if struct.unpack("3i", creds)[1] != 0:
+        return "not root"
+    return check_peer(sock)
 
 
 def serve(path: str = SOCKET) -> None:
     fds: dict[str, int] = {}
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as srv:
         old = os.umask(0o077)
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         srv.bind(path)
@@ -56,7 +66,7 @@ def serve(path: str = SOCKET) -> None:
                 assert isinstance(sock, socket.socket)
                 if sock is srv:
                     conn, _ = srv.accept()
-                    if peer_uid(conn) != 0:
+                    if _untrusted(conn) is not None:
                         conn.close()
                         continue
                     sel.register(conn, selectors.EVENT_READ)
@@ -101,8 +111,9 @@ class Client:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
             self.sock.connect(path)
-            if peer_uid(self.sock) != 0:
-                raise PermissionError(f"{path}: not served by root")
+            why = _untrusted(self.sock)
+            if why is not None:
+                raise PermissionError(f"{path}: not our console holder ({why})")
         except OSError:
             self.sock.close()
             raise

@@ -481,7 +481,8 @@ def own_runtime_dirs() -> tuple[str, ...]:
     runtime = os.environ.get("XDG_RUNTIME_DIR", "")
     if os.geteuid() != 0 and runtime.startswith("/"):
         return ("/run/machinepy", f"{runtime}/machinepy")
-    return ("/run/machinepy",)
+    # And the daemon's console holder (machinepy.holder), which holds them all.
+    return ("/run/machinepy", "/run/machinepy-holder")
 
 
 def build_plan(spec: ContainerSpec, console: str | None = None) -> list[MountOp]:

@@ -366,11 +366,14 @@ def _library_path() -> str | None:
 
 
 def cache_dir() -> str | None:
-    """Root's in /var/cache, a user's in $XDG_RUNTIME_DIR; None: do not cache."""
+    """Root's in /var/cache, a user's in $XDG_CACHE_HOME (~/.cache); None: do not
+    cache.  Not under $XDG_RUNTIME_DIR/machinepy: that is the user's private
+    socket directory (machinepy.attach), which must be 0700."""
     if os.geteuid() == 0:
         return "/var/cache/machinepy/seccomp"
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    return os.path.join(runtime, "machinepy", "seccomp") if runtime else None
+    cache = os.environ.get("XDG_CACHE_HOME") or (
+        os.path.join(os.environ["HOME"], ".cache") if os.environ.get("HOME") else "")
+    return os.path.join(cache, "machinepy", "seccomp") if cache.startswith("/") else None
 
 
 def cache_key(items: Sequence[str], retained: Iterable[str], machine: str) -> str | None:
