@@ -90,7 +90,7 @@ def _container_options(p: argparse.ArgumentParser, *, boot: bool) -> None:
                    help="bind:HOST:CT, bind-ro:HOST:CT, tmp:CT or overlay:UPPER:CT:WORK")
     p.add_argument("-s", "--setenv", action="append", default=[], metavar="NAME=VALUE[,...]",
                    help="set environment variables inside")
-    p.add_argument("-w", "--ephemeral", action="store_true",
+    p.add_argument("-w", "--ephemeral", "--volatile", action="store_true",
                    help="run on a throw-away overlay of the root; changes vanish at exit")
     p.add_argument("--ephemeral-size", metavar="SIZE",
                    help="bound the throw-away layer: bytes[kMGT] or N%% of RAM (default 25%%)")
@@ -219,7 +219,8 @@ def spec_from_args(args: argparse.Namespace) -> ContainerSpec:
         from machinepy.unitprops import PropertyError, accounting_property, parse_property
 
         try:
-            props += [accounting_property(c) for c in args.cgroup]
+            # pflask 0.2: --cgroup=memory,pids
+            props += [accounting_property(c) for arg in args.cgroup for c in arg.split(",")]
             props += [parse_property(p) for p in args.property]
         except PropertyError as e:
             raise SpecError(str(e)) from None

@@ -94,8 +94,14 @@ class MountSpec(NamedTuple):
         return self.kind == "bind-ro"
 
 
+def pflask_fields(spec: str) -> list[str]:
+    """A spec's fields: split on ':', or — pflask 0.2's syntax, where the spec has
+    no ':' at all — on ','.  `\\:` and `\\,` escape either inside a field."""
+    return split_escaped(spec, ":" if ":" in spec.replace("\\:", "") else ",")
+
+
 def parse_mount(spec: str) -> MountSpec:
-    fields = split_escaped(spec, ":")
+    fields = pflask_fields(spec)
     kind, args = fields[0], fields[1:]
     want = {"bind": 2, "bind-ro": 2, "tmp": 1, "overlay": 3}.get(kind)
     if want is None:
@@ -194,7 +200,7 @@ def _ifname(name: str, spec: str, what: str = "--netif") -> str:
 
 
 def parse_netif(spec: str) -> NetifSpec:
-    fields = split_escaped(spec, ":")
+    fields = pflask_fields(spec)
     if len(fields) == 2:
         return NetifSpec("move", _ifname(fields[0], spec), _ifname(fields[1], spec))
     if len(fields) == 3 and fields[0] in ("macvlan", "ipvlan", "veth", "bridge"):

@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from machinepy.cli import build_parser, spec_from_args
+from machinepy.spec import MountSpec, NetifSpec, parse_mount, parse_netif
+
 MACHINEPY = [sys.executable, "-m", "machinepy"]
 
 # Only ever as PID 1 of a pid namespace: reboot(2) there ends the namespace,
@@ -81,3 +84,45 @@ def test_overlay_on_the_root_keeps_the_api_filesystems(busybox_root: Path,
     assert (r.returncode, r.stdout) == (0, "ok\n"), r.stderr
     assert (upper / "newfile").read_text() == "made\n"  # writes went to UPPER
     assert not (busybox_root / "newfile").exists()
+
+
+# -- pflask 0.2's comma syntax, beside the colon syntax --------------------------------------
+
+@pytest.mark.parametrize(("text", "want"), [
+    ("tmp,/home/me", MountSpec("tmp", "/home/me")),
+    ("bind,/tmp/trash,/home/me", MountSpec("bind", "/home/me", "/tmp/trash")),
+    ("overlay,/srv/up,/usr,/srv/work", MountSpec("overlay", "/usr", "/srv/up", "/srv/work")),
+    ("bind,/a\\,b,/c", MountSpec("bind", "/c", "/a,b")),  # \, keeps a comma in a path
+    ("bind:/a,b:/c", MountSpec("bind", "/c", "/a,b")),  # a ':' means the colon syntax
+    ("tmp:/x:size=10%,mode=0755", MountSpec("tmp", "/x", options="size=10%,mode=0755")),
+])
+def test_comma_mounts(text: str, want: MountSpec) -> None:
+    assert parse_mount(text) == want
+
+
+@pytest.mark.parametrize(("text", "want"), [
+    ("pflask-vlan0,eth0", NetifSpec("move", "pflask-vlan0", "eth0")),
+    ("macvlan,eth0,net0", NetifSpec("macvlan", "eth0", "net0")),
+])
+def test_comma_netifs(text: str, want: NetifSpec) -> None:
+    assert parse_netif(text) == want
+
+
+def test_comma_cgroups_and_volatile() -> None:
+    args = build_parser("run").parse_args(["run", "--cgroup=memory,pids", "--volatile",
+                                            "-r", "/", "--", "true"])
+    args.init_args = []
+    spec = spec_from_args(args)
+    assert [p.name for p in spec.properties] == ["MemoryAccounting", "TasksAccounting"]
+    assert spec.ephemeral
+
+
+@pytest.mark.root
+def test_pflask_readme_tmp_home(tmp_path: Path) -> None:
+    # pflask's README: `pflask --user=$USER --mount=tmp,$HOME chromium`, as root here.
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "secret").write_text("x")
+    r = run(f"--mount=tmp,{home}", "--", "/bin/sh", "-c", f"ls -A {home}; touch {home}/new")
+    assert (r.returncode, r.stdout) == (0, ""), r.stderr
+    assert sorted(p.name for p in home.iterdir()) == ["secret"]
