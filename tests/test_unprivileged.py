@@ -74,3 +74,12 @@ def test_a_user_map_without_root_inside(unprivileged_user: pwd.struct_passwd) ->
     uid = unprivileged_user.pw_uid
     r = as_user(unprivileged_user, "-e", f"{uid}:{uid}:1", "--", "id", "-u")
     assert (r.returncode, r.stdout) == (0, f"{uid}\n"), r.stderr
+
+
+def test_what_needs_root_is_one_line(unprivileged_user: pwd.struct_passwd,
+                                     busybox_root: Path) -> None:
+    # (Host links as a user are not tried here: the system python that runs as
+    # the user has no pyroute2.)
+    r = as_user(unprivileged_user, "--private-users=pick", "-r", str(busybox_root), "--", "true")
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, r.stderr
+    assert "must be run as root" in r.stderr
