@@ -83,3 +83,46 @@ def test_what_needs_root_is_one_line(unprivileged_user: pwd.struct_passwd,
     r = as_user(unprivileged_user, "--private-users=pick", "-r", str(busybox_root), "--", "true")
     assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, r.stderr
     assert "must be run as root" in r.stderr
+
+
+async def test_registration_refused_to_a_user_is_a_warning(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # README's `run -r ~/rootfs -e 0:$(id -u):1 ...` on a systemd host: systemd
+    # answers "Interactive authentication required" without polkit; the
+    # container runs unregistered (was: exit 1).
+    import contextlib
+
+    from machinepy import machined, sd
+    from machinepy.spec import ContainerSpec
+    from machinepy.supervisor import Supervisor
+    from machinepy.unitprops import UnitProperty
+
+    class Refusing:
+        async def register(self, **_: object) -> str:
+            raise machined.RegistrationError("creating machine-x.scope: Interactive "
+                                             "authentication required.")
+
+        async def close(self) -> None:
+            pass
+
+    async def connect() -> Refusing:
+        return Refusing()
+
+    monkeypatch.setattr(sd, "can_register", lambda: True)
+    monkeypatch.setattr(machined.MachineRegistration, "connect", staticmethod(connect))
+    spec = ContainerSpec(command=("true",),
+                         properties=(UnitProperty("MemoryMax", "t", 1 << 20),))
+    sup = Supervisor(spec, handle_signals=False)
+    sup.container.name = "x"
+    monkeypatch.setattr("os.geteuid", lambda: 1000)
+    async with contextlib.AsyncExitStack() as stack:
+        assert await sup._register(stack) is None
+    assert not sup.container.registered
+    assert capsys.readouterr().err == (
+        "machinepy: warning: not registering machine 'x' with systemd-machined: creating "
+        "machine-x.scope: Interactive authentication required. (its --property settings "
+        "are not applied)\n")
+    monkeypatch.setattr("os.geteuid", lambda: 0)  # root: an error, as before
+    async with contextlib.AsyncExitStack() as stack:
+        with pytest.raises(Exception, match="registering machine 'x'"):
+            await sup._register(stack)
