@@ -357,3 +357,16 @@ def test_booted_container_keeps_its_console_across_a_restart(host: Any,
             watcher.kill()
     assert time.monotonic() - began < 20
     assert out.split() == ["svc-bootc", container_path("svc-bootc"), "0"], out
+
+
+def test_attach_by_leader_pid_and_daemon_pid(host: Any, busybox_root: Path) -> None:
+    # pflask's flow (find the process, then --attach=PID) for a container the
+    # service holds: the leader's pid, or the daemon's when it holds just one.
+    create(host, "svc-bypid", busybox_root, "/bin/sh", "-c",
+           "while :; do echo tick; sleep 0.2; done")
+    leader = host.run(["machinectl", "show", "svc-bypid", "-p", "Leader", "--value"])
+    for pid in (leader.stdout.strip(), str(main_pid(host))):
+        r = host.run(["timeout", "-s", "INT", "2", *MACHINEPY, "run", "-a", pid], timeout=30)
+        assert "tick" in r.stdout and "Attached to svc-bypid." in r.stderr, (pid, r.stderr)
+    r = host.run([*MACHINEPY, "run", "-a", "999999"], timeout=30)
+    assert r.returncode == 1 and "cannot attach to '999999'" in r.stderr, r.stderr

@@ -36,6 +36,7 @@ import socket
 import stat
 import sys
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from machinepy import console as consolemod
 from machinepy.loop import LoopLike, MiniLoop
@@ -373,11 +374,12 @@ def attach(key: str) -> int:
         print(f"machinepy: {e}", file=sys.stderr)
         return 2 if str(e).startswith("invalid name") else 1
     except OSError as e:
-        if not key.isdigit() and _service_has(key):
+        name = _service_name(key)
+        if name is not None:
             # Not a `run --detach` supervisor's: a container of the D-Bus service.
             from machinepy import client
 
-            return client.main(["attach", key])
+            return client.main(["attach", name])
         why = "no such detached container" if isinstance(e, FileNotFoundError) else e.strerror
         print(f"machinepy: cannot attach to '{key}': {why or e}", file=sys.stderr)
         return 1
@@ -400,21 +402,43 @@ def attach(key: str) -> int:
     return 0
 
 
-def _service_has(name: str) -> bool:
-    """Whether io.machinepy1 runs and knows NAME; False on any trouble."""
+def _busctl(*args: str) -> Any:
+    """`busctl --json=short` on the system bus, without activating anything; None on
+    any trouble."""
     from machinepy.sd import system_bus_available
 
     if not system_bus_available():
-        return False
+        return None
+    import json
     import subprocess
 
     try:
-        r = subprocess.run(["busctl", "--system", "--auto-start=no", "call", "io.machinepy1",
-                            "/io/machinepy1", "io.machinepy1.Manager", "GetContainer", "s",
-                            name], capture_output=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return r.returncode == 0
+        r = subprocess.run(["busctl", "--system", "--auto-start=no", "--json=short", *args],
+                           capture_output=True, timeout=10, text=True)
+        return json.loads(r.stdout) if r.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired, ValueError):
+        return None
+
+
+def _service_name(key: str) -> str | None:
+    """The io.machinepy1 container KEY names: by name, by its leader's pid, or by
+    the daemon's pid when it has that one container; None when there is none."""
+    manager = ("io.machinepy1", "/io/machinepy1", "io.machinepy1.Manager")
+    if not key.isdigit():
+        return key if _busctl("call", *manager, "GetContainer", "s", key) else None
+    listed = _busctl("call", *manager, "ListContainers")
+    if not listed:
+        return None
+    rows = listed["data"][0]  # a(ssuo): name, state, leader, path
+    for name, _state, leader, _path in rows:
+        if leader == int(key):
+            return str(name)
+    daemon = _busctl("call", "org.freedesktop.DBus", "/org/freedesktop/DBus",
+                     "org.freedesktop.DBus", "GetConnectionUnixProcessID", "s",
+                     "io.machinepy1")
+    if daemon and daemon["data"][0] == int(key) and len(rows) == 1:
+        return str(rows[0][0])
+    return None
 
 
 def daemonize() -> tuple[int, int] | None:
