@@ -476,3 +476,17 @@ def test_network_interfaces_reach_machined(
             testhost.run(["machinectl", "terminate", "bb-net"])
     assert_nothing_left(testhost, "bb-net", host_mounts)
     assert testhost.run(["test", "-e", "/sys/class/net/mpyt-ve0"]).returncode != 0
+
+
+def test_run_of_an_init_powers_off_cleanly(testhost: Any, host_mounts: set[str],
+                                           debian_rootfs: Path) -> None:
+    # pflask's `--chroot=ROOT --ephemeral /lib/systemd/systemd`: `run`, not
+    # `boot`; machinectl poweroff ends it by reboot(2), which is exit 0 (was
+    # 130: a unit running it failed).
+    m = Machine(testhost, "deb-runinit", [*MACHINEPY, "run", "--machine", "deb-runinit",
+                                          "-r", str(debian_rootfs), "--ephemeral", "--",
+                                          "/lib/systemd/systemd"])
+    m.wait_booted()
+    assert testhost.run(["machinectl", "poweroff", "deb-runinit"]).returncode == 0
+    assert m.wait_exit(60) == 0
+    assert_nothing_left(testhost, "deb-runinit", host_mounts)
