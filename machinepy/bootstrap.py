@@ -260,15 +260,15 @@ def find_tool(wanted: str) -> str:
 
 
 def tool_argv(tool: str, suite: str, target: str, mirror: str, packages: Sequence[str],
-              components: Sequence[str]) -> list[str]:
+              components: Sequence[str], variant: str = "minbase") -> list[str]:
     include = ",".join(packages)
     if tool == "mmdebstrap":
         # --verbose: apt's and dpkg's lines, which the progress line counts.
-        argv = ["mmdebstrap", "--mode=root", "--variant=minbase", "--verbose",
+        argv = ["mmdebstrap", "--mode=root", f"--variant={variant}", "--verbose",
                 f"--include={include}", f"--components={','.join(components)}",
                 suite, target, mirror]
     else:
-        argv = ["debootstrap", "--variant=minbase", f"--include={include}",
+        argv = ["debootstrap", f"--variant={variant}", f"--include={include}",
                 f"--components={','.join(components)}", suite, target, mirror]
     return private_mounts(argv)
 
@@ -359,6 +359,7 @@ class Request:
     packages: tuple[str, ...]
     password: RootPassword
     tool: str
+    variant: str = "minbase"  # "buildd" for debuild's build roots
 
 
 def request_from_args(args: argparse.Namespace) -> Request:
@@ -442,7 +443,7 @@ def bootstrap(req: Request, progress_stream: TextIO | None = None,
     progress = Progress(tool, progress_stream)
     try:
         argv = tool_argv(tool, req.suite, str(work), req.mirror, req.packages,
-                         DISTRIBUTIONS[req.distribution].components)
+                         DISTRIBUTIONS[req.distribution].components, req.variant)
         with signals_raise():
             status = run_tool(argv, progress)
             if status != 0:
