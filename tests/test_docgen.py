@@ -194,3 +194,15 @@ def test_full_parser_has_each_verbs_own_options() -> None:
     assert {a.dest for a in children["bootstrap"]._actions} == own
     assert {a.dest for a in children["list"]._actions} == {
         a.dest for a in client.verb_parser("list")._actions}
+
+
+def test_the_build_writes_the_man_page(tmp_path: Path) -> None:
+    """setup.py's build_py generates machinepy(1) into build/man, which data_files installs
+    as share/man/man1/machinepy.1 (checked by hand in a wheel: machinepy-*.data/data/...)."""
+    env = {**os.environ, "SOURCE_DATE_EPOCH": "0", "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "setup.py", "-q", "build_py", "-d", str(tmp_path / "lib")],
+                       cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr
+    built = (REPO / "build/man/machinepy.1").read_text()
+    r = subprocess.run([*MACHINEPY, "man"], capture_output=True, text=True, timeout=30, env=env)
+    assert built == r.stdout
