@@ -20,13 +20,14 @@ from tests.rootfs import BOOTSTRAP_HOSTNAME, BOOTSTRAP_PASSWORD, cached_bootstra
 
 NAME = "bs-login"
 
-# Drives `machinectl login` on a pty as a user would: name, password, a command.
+# Logs in on a pty as a user would (name, password, a command), then leaves with the
+# last line given: argv = password, last line, the command that shows a login prompt.
 LOGIN = r"""
 import os, pty, select, sys, time
-name, password = sys.argv[1], sys.argv[2].encode()
+password, last, argv = sys.argv[1].encode(), sys.argv[2].encode(), sys.argv[3:]
 pid, fd = pty.fork()
 if pid == 0:
-    os.execvp("machinectl", ["machinectl", "login", name])
+    os.execvp(argv[0], argv)
 seen = b""
 def expect(what, timeout=30):
     global seen
@@ -40,7 +41,7 @@ def expect(what, timeout=30):
         except OSError:
             data = b""
         if not data:
-            sys.exit(f"machinectl ended before {what!r}: {seen.decode(errors='replace')}")
+            sys.exit(f"{argv[0]} ended before {what!r}: {seen.decode(errors='replace')}")
         seen += data
     before, _, seen = seen.partition(what)
     return before.decode(errors="replace")
@@ -52,8 +53,18 @@ expect(b"# ")
 os.write(fd, b"echo logged-in-$(id -u)-on-$(cat /etc/hostname)\n")
 expect(b"logged-in-0-on-")
 print("logged-in-0-on-" + expect(b"\r\n"))
-os.write(fd, b"exit\n")
-os.kill(pid, 9)
+os.write(fd, last + b"\n")
+if last == b"exit":  # machinectl login stays for the next getty
+    os.kill(pid, 9)
+    sys.exit(0)
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline and select.select([fd], [], [], 1)[0]:
+    try:
+        if not os.read(fd, 4096):
+            break
+    except OSError:
+        break
+print("exit", os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
 """
 
 
@@ -83,13 +94,29 @@ def test_boot_name_reaches_login_and_takes_the_password(
         # First boot made a machine id (the tree's is empty), and it is the container's.
         r = m.shell("cat /etc/machine-id")
         assert len(r.stdout.strip()) == 32, r.stdout + r.stderr
-        r = testhost.run([sys.executable, "-c", LOGIN, NAME, BOOTSTRAP_PASSWORD], timeout=90)
+        r = testhost.run([sys.executable, "-c", LOGIN, BOOTSTRAP_PASSWORD, "exit",
+                          "machinectl", "login", NAME], timeout=90)
         assert r.returncode == 0, r.stdout + r.stderr
         assert r.stdout.strip() == f"logged-in-0-on-{BOOTSTRAP_HOSTNAME}", r.stdout
         assert testhost.run(["machinectl", "poweroff", NAME]).returncode == 0
         assert m.wait_exit() == 0
     finally:
         m.kill()
+        testhost.run(["machinectl", "terminate", NAME])
+    assert_nothing_left(testhost, NAME, before)
+
+
+def test_boot_name_on_a_terminal_shows_the_console_login(testhost: Any, machine_dir: str) -> None:
+    """`machinepy boot NAME` on a terminal: the container's console-getty on our pty;
+    logging in there and powering off ends machinepy with status 0."""
+    before = mountpoints(testhost)
+    try:
+        r = testhost.run([sys.executable, "-c", LOGIN, BOOTSTRAP_PASSWORD, "systemctl poweroff",
+                          *MACHINEPY, "boot", NAME, "--ephemeral"], timeout=150)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert r.stdout.split("\n")[:2] == [f"logged-in-0-on-{BOOTSTRAP_HOSTNAME}", "exit 0"], (
+            r.stdout)
+    finally:
         testhost.run(["machinectl", "terminate", NAME])
     assert_nothing_left(testhost, NAME, before)
 
