@@ -159,7 +159,8 @@ def build_parser(verb: str | None = None) -> Parser:
         run.add_argument("command", nargs=argparse.REMAINDER)
     boot = sub.add_parser("boot", help="boot an OS tree")
     if verb in (None, "boot"):
-        boot.add_argument("root", metavar="ROOTFS")
+        boot.add_argument("root", metavar="ROOTFS|NAME",
+                          help="a directory, or NAME for /var/lib/machines/NAME")
         _container_options(boot, boot=True)
     return parser
 
