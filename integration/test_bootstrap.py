@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from integration.test_machined import MACHINEPY, Machine, assert_nothing_left, mountpoints
+from integration.test_service import installed  # noqa: F401 (a fixture: units installed)
 from tests.rootfs import BOOTSTRAP_HOSTNAME, BOOTSTRAP_PASSWORD, cached_bootstrap_rootfs
 
 NAME = "bs-login"
@@ -126,3 +127,31 @@ def test_boot_unknown_name_is_one_line(testhost: Any) -> None:
     assert r.returncode == 2, r.stderr
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("machinepy: "), r.stderr
     assert "/var/lib/machines/no-such-machine" in r.stderr
+
+
+def test_template_unit_boots_a_bootstrapped_tree(installed: Any,  # noqa: F811
+                                                 bootstrapped: Path) -> None:
+    """`systemctl start machinepy@NAME` (--private-users=pick) boots what bootstrap made,
+    and machinectl login takes the password there too.  On a tmpfs copy: the unit may
+    shift or idmap the tree, and the cached one must stay as it is."""
+    host, name = installed, "bs-svc"
+    r = host.shell(f"set -e; mkdir -p /var/lib/machines/{name}; "
+                   f"mount -t tmpfs -o mode=755 tmpfs /var/lib/machines/{name}; "
+                   f"cp -a {bootstrapped}/. /var/lib/machines/{name}/", timeout=120)
+    assert r.returncode == 0, r.stderr
+    try:
+        r = host.run(["systemctl", "start", f"machinepy@{name}.service"], timeout=120)
+        assert r.returncode == 0, r.stderr + host.run(
+            ["journalctl", "-u", f"machinepy@{name}", "--no-pager"]).stdout[-2000:]
+        r = host.run(["machinectl", "shell", "-q", name, "/bin/sh", "-c",
+                      "systemctl is-system-running --wait"], timeout=60)
+        assert r.stdout.strip() in ("running", "degraded"), r.stdout + r.stderr
+        r = host.run([sys.executable, "-c", LOGIN, BOOTSTRAP_PASSWORD, "exit",
+                      "machinectl", "login", name], timeout=90)
+        assert r.stdout.strip() == f"logged-in-0-on-{BOOTSTRAP_HOSTNAME}", r.stdout + r.stderr
+        assert host.run(["systemctl", "stop", f"machinepy@{name}.service"],
+                        timeout=120).returncode == 0
+        assert name not in host.run(["machinectl", "list"]).stdout
+    finally:
+        host.run(["systemctl", "stop", f"machinepy@{name}.service"], timeout=120)
+        host.shell(f"umount /var/lib/machines/{name}; rmdir /var/lib/machines/{name}")
