@@ -158,3 +158,24 @@ def test_failed_build_is_one_line_with_the_log(tmp_path: Path, build_root: Path)
     assert f"(log: {log})" in r.stderr
     assert "compiler says no" in log.read_text()
     assert sorted(p.name for p in work.iterdir()) == ["hello-mpy", log.name]
+
+
+@pytest.mark.parametrize("env, argv, suite", [
+    ({"DIST": "sid"}, [], "sid"),
+    ({"DIST": "unstable"}, [], "sid"),  # pflask-debuild's alias
+    ({"DIST": "sid"}, ["--suite", "trixie"], "trixie"),  # the option wins
+    ({}, ["--distribution", "ubuntu", "--suite", "noble"], "noble"),
+])
+def test_build_root_per_distribution_and_suite(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                               env: dict[str, str], argv: list[str],
+                                               suite: str) -> None:
+    from machinepy import debuild
+
+    monkeypatch.delenv("DIST", raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    args = debuild.parser().parse_args(["--cache-dir", str(tmp_path), *argv])
+    root, got = debuild.build_root(args)
+    assert got == suite
+    assert root.parent == tmp_path
+    assert root.name.startswith(f"{args.distribution}-{suite}-")
