@@ -399,6 +399,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         module, func = TOOL_VERBS[argv[0]]
         tool_status: int = getattr(importlib.import_module(module), func)(argv[1:])
         return tool_status
+    if argv in (["-h"], ["--help"]):  # every verb, not only run and boot
+        from machinepy.docgen import full_parser
+
+        full_parser().print_help()
+        return 0
     if argv and argv[0] in CLIENT_VERBS:
         _import_asyncio()
         from machinepy.client import main as client_main

@@ -206,3 +206,12 @@ def test_the_build_writes_the_man_page(tmp_path: Path) -> None:
     built = (REPO / "build/man/machinepy.1").read_text()
     r = subprocess.run([*MACHINEPY, "man"], capture_output=True, text=True, timeout=30, env=env)
     assert built == r.stdout
+
+
+def test_top_level_help_lists_every_verb() -> None:
+    r = subprocess.run([*MACHINEPY, "--help"], capture_output=True, text=True, timeout=30,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0, r.stderr
+    listed = {line.split()[0] for line in r.stdout.splitlines()
+              if line.startswith("    ") and not line.startswith("     ")}
+    assert listed == {verb for verb, _ in docgen.verbs(docgen.full_parser())}
