@@ -31,7 +31,7 @@ from typing import TextIO
 
 from machinepy import cli
 from machinepy.cli import Parser, UsageError, machine_path
-from machinepy.spec import SpecError, check_hostname
+from machinepy.spec import SpecError, check_hostname, quote
 
 MACHINES_DIR = Path(cli.MACHINES_DIR)
 # What a tree needs to boot under machinepy and answer `machinectl login`.
@@ -118,13 +118,13 @@ def check_mirror(mirror: str, suite: str, timeout: float = 20) -> None:
             reply.read(1)
     except urllib.error.HTTPError as e:
         if e.code == 404:
-            raise BootstrapError(f"no suite '{suite}' at {mirror} ({url}: not found)",
+            raise BootstrapError(f"no suite {quote(suite)} at {mirror} ({url}: not found)",
                                  2) from None
         raise BootstrapError(f"mirror {mirror}: {url}: HTTP {e.code} {e.reason}") from None
     except (urllib.error.URLError, OSError, ValueError) as e:
         reason = getattr(e, "reason", e)
         if isinstance(reason, FileNotFoundError):
-            raise BootstrapError(f"no suite '{suite}' at {mirror} ({url}: not found)",
+            raise BootstrapError(f"no suite {quote(suite)} at {mirror} ({url}: not found)",
                                  2) from None
         raise BootstrapError(f"cannot reach mirror {mirror}: {reason}") from None
 
@@ -373,20 +373,20 @@ def request_from_args(args: argparse.Namespace) -> Request:
     except SpecError:
         if args.hostname or name:
             raise
-        raise UsageError(f"'{Path(target).name}' is no valid hostname; "
+        raise UsageError(f"{quote(Path(target).name)} is no valid hostname; "
                          "give one with --hostname") from None
     dist = DISTRIBUTIONS[args.distribution]
     suite = args.suite or dist.suite
     if not re.fullmatch(SUITE_RE, suite):
-        raise UsageError(f"invalid suite '{suite}'")
+        raise UsageError(f"invalid suite {quote(suite)}")
     mirror = (args.mirror or host_mirror(args.distribution)).rstrip("/")
     if not re.match(r"(https?|file)://\S+$", mirror):
-        raise UsageError(f"invalid mirror '{mirror}': expected an http://, https:// or "
+        raise UsageError(f"invalid mirror {quote(mirror)}: expected an http://, https:// or "
                          "file:// URL")
     extra = [p for item in args.include for p in item.split(",") if p]
     for pkg in extra:
         if not re.fullmatch(PACKAGE_RE, pkg):
-            raise UsageError(f"invalid package name '{pkg}'")
+            raise UsageError(f"invalid package name {quote(pkg)}")
     packages = tuple(dict.fromkeys((*BASE_PACKAGES, *extra)))
     password = RootPassword("locked")
     if args.root_password_file is not None:
@@ -394,10 +394,10 @@ def request_from_args(args: argparse.Namespace) -> Request:
             with open(args.root_password_file) as f:
                 first = f.readline().rstrip("\n")
         except OSError as e:
-            raise UsageError(f"--root-password-file: {args.root_password_file}: "
+            raise UsageError(f"--root-password-file: {quote(args.root_password_file)}: "
                              f"{e.strerror}") from None
         if not first:
-            raise UsageError(f"--root-password-file: {args.root_password_file}: first line "
+            raise UsageError(f"--root-password-file: {quote(args.root_password_file)}: first line "
                              "is empty (use --no-root-password for no password)")
         if ":" in first:  # chpasswd's separator
             raise UsageError("--root-password-file: the password may not contain ':'")
@@ -405,7 +405,7 @@ def request_from_args(args: argparse.Namespace) -> Request:
     elif args.root_password_hashed is not None:
         h = args.root_password_hashed
         if not re.fullmatch(r"\$[A-Za-z0-9]+\$[./A-Za-z0-9$=,+-]+", h):
-            raise UsageError(f"--root-password-hashed: '{h}' is no crypt(3) hash "
+            raise UsageError(f"--root-password-hashed: {quote(h)} is no crypt(3) hash "
                              "(expected $ID$…, e.g. from `mkpasswd` or `openssl passwd -6`)")
         password = RootPassword("hashed", h)
     elif args.no_root_password:
@@ -417,13 +417,13 @@ def request_from_args(args: argparse.Namespace) -> Request:
 def _check_target(target: Path) -> bool:
     """True when the target exists already (empty); fails when it cannot be made."""
     if target.is_symlink() or (target.exists() and not target.is_dir()):
-        raise BootstrapError(f"{target}: exists and is not a directory", 2)
+        raise BootstrapError(f"{quote(str(target))}: exists and is not a directory", 2)
     if target.is_dir():
         if any(target.iterdir()):
-            raise BootstrapError(f"{target}: exists and is not empty", 2)
+            raise BootstrapError(f"{quote(str(target))}: exists and is not empty", 2)
         return True
     if target.parent != MACHINES_DIR and not target.parent.is_dir():
-        raise BootstrapError(f"{target.parent}: no such directory", 2)
+        raise BootstrapError(f"{quote(str(target.parent))}: no such directory", 2)
     return False
 
 

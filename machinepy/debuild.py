@@ -28,7 +28,7 @@ from typing import TextIO
 
 from machinepy import bootstrap as bs
 from machinepy.cli import Parser, UsageError
-from machinepy.spec import SpecError
+from machinepy.spec import SpecError, quote
 
 CACHE_DIR = Path("/var/cache/machinepy/debuild")
 BUILD_USER = "builder"
@@ -139,14 +139,14 @@ def build_root(args: argparse.Namespace) -> tuple[Path, str]:
         _host_codename() if bs._host_id() == args.distribution else "") or dist.suite
     suite = ALIASES.get(suite, suite)
     if not re.fullmatch(bs.SUITE_RE, suite):
-        raise UsageError(f"invalid suite '{suite}'")
+        raise UsageError(f"invalid suite {quote(suite)}")
     return Path(args.cache_dir) / f"{args.distribution}-{suite}-{_host_arch()}", suite
 
 
 def create(args: argparse.Namespace, root: Path, suite: str) -> int:
     mirror = (args.mirror or bs.host_mirror(args.distribution)).rstrip("/")
     if not re.match(r"(https?|file)://\S+$", mirror):
-        raise UsageError(f"invalid mirror '{mirror}'")
+        raise UsageError(f"invalid mirror {quote(mirror)}")
     root.parent.mkdir(parents=True, exist_ok=True)
     # Remade beside the old one, which stays usable until the new one is complete.
     new = root.with_name(f"{root.name}.new-{os.getpid()}")
@@ -168,13 +168,14 @@ def _changelog(src: Path) -> tuple[str, str]:
     try:
         first = (src / "debian/changelog").read_text().split("\n", 1)[0]
     except OSError as e:
-        raise UsageError(f"{src}: not a Debian source package (debian/changelog: "
+        raise UsageError(f"{quote(str(src))}: not a Debian source package (debian/changelog: "
                          f"{e.strerror})") from None
     m = re.match(r"([a-z0-9][a-z0-9+.-]+) \(([^)\s]+)\)", first)
     if not m:
-        raise UsageError(f"{src}/debian/changelog: first line is not 'PACKAGE (VERSION) ...'")
+        raise UsageError(f"{quote(str(src / 'debian/changelog'))}: first line is not "
+                         "'PACKAGE (VERSION) ...'")
     if not (src / "debian/control").is_file():
-        raise UsageError(f"{src}: not a Debian source package (no debian/control)")
+        raise UsageError(f"{quote(str(src))}: not a Debian source package (no debian/control)")
     return m.group(1), m.group(2)
 
 

@@ -46,7 +46,7 @@ def assert_one_line(r: subprocess.CompletedProcess[str], status: int, fragment: 
     (["./tree", "--mirror", "ftp://ftp.debian.org/debian"], "invalid mirror"),
     (["./tree", "--hostname", "no spaces"], "invalid hostname 'no spaces'"),
     (["./my tree"], "'my tree' is no valid hostname; give one with --hostname"),
-    (["./tree", "--root-password-file", "missing"], "missing: No such file or directory"),
+    (["./tree", "--root-password-file", "missing"], "'missing': No such file or directory"),
     (["./tree", "--root-password-hashed", "secret"], "is no crypt(3) hash"),
     (["./tree", "--no-root-password", "--root-password-hashed", "$6$a$b"], "not allowed with"),
     (["./tree", "--tool", "cdebootstrap"], "invalid choice: 'cdebootstrap'"),
@@ -164,7 +164,7 @@ def test_nonempty_target_is_refused(tmp_path: Path) -> None:
     (tmp_path / "tree").mkdir()
     (tmp_path / "tree/keep").write_text("mine")
     r = run(["bootstrap", "./tree"], cwd=tmp_path)
-    assert_one_line(r, 2, "tree: exists and is not empty")
+    assert_one_line(r, 2, "/tree': exists and is not empty")
     assert [p.name for p in (tmp_path / "tree").iterdir()] == ["keep"]
 
 
