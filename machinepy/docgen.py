@@ -17,11 +17,12 @@ import os
 import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from machinepy import cli
 
 # Verbs whose parsers live beside their code: (verb, help, parser factory).
-VerbTable = list[tuple[str, str, Callable[[], cli.Parser]]]
+VerbTable = list[tuple[str, str, Callable[[], argparse.ArgumentParser]]]
 
 
 def _client(verb: str) -> Callable[[], cli.Parser]:
@@ -56,10 +57,10 @@ def man_parser() -> cli.Parser:
     return cli.Parser(prog="machinepy man", description="Print the machinepy(1) man page (roff).")
 
 
-def _daemon() -> cli.Parser:
-    # The daemon builds its parser inside daemon.main(); only its verb is listed here.
-    return cli.Parser(prog="machinepy daemon",
-                      description="Run the io.machinepy1 service in the foreground.")
+def _daemon() -> argparse.ArgumentParser:
+    from machinepy.daemon import build_parser
+
+    return build_parser()
 
 
 VERBS: VerbTable = [
@@ -87,7 +88,7 @@ FILE_DESTS = {"root_password_file"}
 ROOT_DESTS = {"root"}  # a directory, or a NAME in /var/lib/machines
 
 
-def _subparsers(parser: argparse.ArgumentParser) -> argparse._SubParsersAction[cli.Parser]:
+def _subparsers(parser: argparse.ArgumentParser) -> argparse._SubParsersAction[Any]:
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             return action
