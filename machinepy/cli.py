@@ -38,6 +38,12 @@ INIT_CANDIDATES = ("/usr/lib/systemd/systemd", "/lib/systemd/systemd", "/sbin/in
 # Verbs that talk to the io.machinepy1 service (machinepy.client, which needs dbus-fast).
 CLIENT_VERBS = ("start", "list", "status", "poweroff", "reboot", "terminate", "kill", "attach",
                 "daemon", "install-units")
+# Verbs of their own modules, imported only for them: module, function.
+TOOL_VERBS = {"bootstrap": ("machinepy.bootstrap", "main"),
+              "debuild": ("machinepy.debuild", "main"),
+              "completion": ("machinepy.docgen", "completion_main"),
+              "man": ("machinepy.docgen", "man_main")}
+MACHINES_DIR = "/var/lib/machines"
 
 
 class UsageError(Exception):
@@ -153,7 +159,8 @@ def build_parser(verb: str | None = None) -> Parser:
         run.add_argument("command", nargs=argparse.REMAINDER)
     boot = sub.add_parser("boot", help="boot an OS tree")
     if verb in (None, "boot"):
-        boot.add_argument("root", metavar="ROOTFS")
+        boot.add_argument("root", metavar="ROOTFS|NAME",
+                          help="a directory, or NAME for /var/lib/machines/NAME")
         _container_options(boot, boot=True)
     return parser
 
@@ -211,6 +218,16 @@ def check_contradictions(args: argparse.Namespace) -> None:
         for dest, flag in (("property", "--property"), ("cgroup", "--cgroup")):
             if given(dest):
                 raise SpecError(f"{flag} sets the machine's scope: it needs --register=yes")
+
+
+def machine_path(arg: str) -> tuple[str, str | None]:
+    """ROOTFS or NAME → (absolute path, machine name or None), as nspawn's -M:
+    a NAME has no '/' and names nothing here, and means /var/lib/machines/NAME."""
+    if "/" in arg or arg in (".", "..") or os.path.lexists(arg):
+        return os.path.abspath(arg), None
+    from machinepy.spec import check_machine_name
+
+    return os.path.join(MACHINES_DIR, check_machine_name(arg)), arg
 
 
 def spec_from_args(args: argparse.Namespace) -> ContainerSpec:
@@ -377,6 +394,17 @@ def _attach_alone(parser: Parser, args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in TOOL_VERBS:
+        import importlib
+
+        module, func = TOOL_VERBS[argv[0]]
+        tool_status: int = getattr(importlib.import_module(module), func)(argv[1:])
+        return tool_status
+    if argv in (["-h"], ["--help"]):  # every verb, not only run and boot
+        from machinepy.docgen import full_parser
+
+        full_parser().print_help()
+        return 0
     if argv and argv[0] in CLIENT_VERBS:
         _import_asyncio()
         from machinepy.client import main as client_main
@@ -396,6 +424,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             argv, init_args = argv[:cut], argv[cut + 1 :]
         args = parser.parse_args(argv)
         args.init_args = init_args
+        if args.verb == "boot":
+            # A bare NAME boots /var/lib/machines/NAME as machine NAME.
+            args.root, name = machine_path(args.root)
+            args.machine = args.machine or name
         if args.verb is None:
             raise UsageError("no command given (try 'machinepy run --help')")
         if args.verb == "run" and args.attach:

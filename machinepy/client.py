@@ -214,10 +214,33 @@ def hand_off(args: argparse.Namespace) -> int | None:
 # list, status, lifecycle
 
 
+def verb_parser(verb: str) -> Parser:
+    """The parser of a client verb (also read by docgen: completion, man page)."""
+    if verb == "start":
+        return start_parser()
+    if verb == "install-units":
+        return install_units_parser()
+    if verb == "list":
+        p = Parser(prog="machinepy list", description="List the service's containers.")
+        p.add_argument("-o", "--output", choices=("table", "json"), default="table",
+                       help="json: every property of every container")
+        p.add_argument("--no-legend", action="store_true", help="no header and footer")
+        p.add_argument("--no-pager", action="store_true", help="accepted, as by machinectl "
+                       "(machinepy never pages)")
+        return p
+    if verb in ("status", "attach"):
+        p = Parser(prog=f"machinepy {verb}")
+        p.add_argument("name", metavar="NAME")
+        return p
+    p = _names_parser(verb)
+    if verb == "kill":
+        p.add_argument("-s", "--signal", default="SIGTERM")
+        p.add_argument("--kill-whom", choices=("leader", "all"), default="all")
+    return p
+
+
 async def list_(client: Client, argv: list[str]) -> int:
-    p = Parser(prog="machinepy list")
-    p.add_argument("-o", "--output", choices=("table", "json"), default="table")
-    args = p.parse_args(argv)
+    args = verb_parser("list").parse_args(argv)
     (rows,) = await client.manager("ListContainers")
     if args.output == "json":
         out = []
@@ -228,11 +251,14 @@ async def list_(client: Client, argv: list[str]) -> int:
         return 0
     if rows:
         width = max(4, *(len(r[0]) for r in rows))
-        print(f"{'NAME':<{width}} {'STATE':<9} LEADER")
+        if not args.no_legend:
+            print(f"{'NAME':<{width}} {'STATE':<9} LEADER")
         for name, state, leader, _path in sorted(rows):
             print(f"{name:<{width}} {state:<9} {leader}")
-        print()
-    print(f"{len(rows)} containers listed.")
+        if not args.no_legend:
+            print()
+    if not args.no_legend:
+        print(f"{len(rows)} containers listed.")
     return 0
 
 
@@ -241,9 +267,7 @@ def _jsonable(props: dict[str, Any]) -> dict[str, Any]:
 
 
 async def status(client: Client, argv: list[str]) -> int:
-    p = Parser(prog="machinepy status")
-    p.add_argument("name", metavar="NAME")
-    args = p.parse_args(argv)
+    args = verb_parser("status").parse_args(argv)
     (path,) = await client.manager("GetContainer", "s", args.name)
     props = await client.properties(path)
     import time
@@ -285,15 +309,12 @@ def parse_signal(text: str) -> int:
 
 async def lifecycle(client: Client, verb: str, argv: list[str]) -> int:
     if verb == "kill":
-        p = _names_parser(verb)
-        p.add_argument("-s", "--signal", default="SIGTERM")
-        p.add_argument("--kill-whom", choices=("leader", "all"), default="all")
-        args = p.parse_args(argv)
+        args = verb_parser(verb).parse_args(argv)
         sig = parse_signal(args.signal)
         for name in args.names:
             await client.manager("KillContainer", "ssi", name, args.kill_whom, sig)
         return 0
-    args = _names_parser(verb).parse_args(argv)
+    args = verb_parser(verb).parse_args(argv)
     member = {"poweroff": "PoweroffContainer", "reboot": "RebootContainer",
               "terminate": "TerminateContainer"}[verb]
     for name in args.names:
@@ -308,9 +329,7 @@ async def lifecycle(client: Client, verb: str, argv: list[str]) -> int:
 async def attach(client: Client, argv: list[str]) -> int:
     from machinepy import console as consolemod
 
-    p = Parser(prog="machinepy attach")
-    p.add_argument("name", metavar="NAME")
-    args = p.parse_args(argv)
+    args = verb_parser("attach").parse_args(argv)
     await client.call("/org/freedesktop/DBus", "org.freedesktop.DBus", "AddMatch", "s",
                       [f"type='signal',interface='{MANAGER_IFACE}',member='ContainerRemoved',"
                        f"arg0='{args.name}'"], destination="org.freedesktop.DBus")
@@ -370,13 +389,17 @@ def for_systemd(text: str, version: int | None) -> str:
                               for key, since in SINCE.items()))
 
 
-def install_units(argv: list[str]) -> int:
+def install_units_parser() -> Parser:
     p = Parser(prog="machinepy install-units",
                description="Install the systemd units, D-Bus policy and activation file.")
     p.add_argument("--root", default="/", help="install under this directory (default /)")
     p.add_argument("--no-reload", action="store_true",
                    help="do not reload systemd and dbus-daemon afterwards")
-    args = p.parse_args(argv)
+    return p
+
+
+def install_units(argv: list[str]) -> int:
+    args = install_units_parser().parse_args(argv)
     if not UNITS_DIR.is_dir():
         print(f"machinepy: {UNITS_DIR} not found (install-units needs a source checkout)",
               file=sys.stderr)

@@ -26,6 +26,7 @@ No threads, ever: Supervisor.spawn() forks, and refuses in a threaded process.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import json
@@ -462,9 +463,8 @@ class Daemon:
         os._exit(0 if stop.done() else 1)
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
+def build_parser() -> argparse.ArgumentParser:
+    """Also read by docgen (completion, man page)."""
     parser = argparse.ArgumentParser(prog="machinepy daemon",
                                      description="Run the io.machinepy1 D-Bus service.")
     parser.add_argument("--state-dir", default=os.environ.get("MACHINEPY_STATE_DIR", STATE_DIR),
@@ -472,7 +472,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bus-address", help="D-Bus address (default: the system bus)")
     parser.add_argument("--stop-timeout", type=float, default=STOP_TIMEOUT,
                         help="seconds from Poweroff to SIGKILL")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if os.geteuid() != 0:
         print("machinepy: the daemon must run as root", file=sys.stderr)
         return 2

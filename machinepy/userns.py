@@ -25,8 +25,11 @@ import contextlib
 import os
 import signal
 import stat
+import sys
+import time
 import zlib
 from collections.abc import Iterator
+from typing import TextIO
 
 from machinepy import linux
 
@@ -158,15 +161,31 @@ def pick(root: str) -> tuple[int, RangeHold | None]:
     raise UsernsError("--private-users=pick: no free 65536-id range found")
 
 
-def shift(root: str, base: int) -> int:
+def shift(root: str, base: int, progress: TextIO | None = None) -> int:
     """Make the tree owned by ids BASE… instead of 0…; returns how many entries changed.
 
     Stays on the root's filesystem.  chown(2) clears setuid/setgid bits, which
     are put back; file capabilities (security.capability) are lost, as with
-    nspawn's chown mode.
+    nspawn's chown mode.  A big tree takes a while: on a terminal (stderr, or
+    PROGRESS) one line counts the entries; elsewhere nothing is shown.
     """
     root_dev = os.lstat(root).st_dev
-    changed = 0
+    changed = seen = 0
+    out = progress if progress is not None else sys.stderr
+    tty, shown = out.isatty(), 0.0
+
+    def report(final: bool = False) -> None:
+        nonlocal shown
+        now = time.monotonic()
+        if final:
+            if shown:
+                out.write("\r\x1b[K")
+                out.flush()
+        elif now - shown >= 0.1:
+            shown = now
+            out.write(f"\r\x1b[Kmachinepy: shifting {root} into {base}…: {seen} entries, "
+                      f"{changed} changed")
+            out.flush()
 
     def fix(path: str, st: os.stat_result) -> None:
         nonlocal changed
@@ -181,16 +200,23 @@ def shift(root: str, base: int) -> int:
             os.chmod(path, stat.S_IMODE(st.st_mode))
         changed += 1
 
-    for top, dirs, files in os.walk(root, topdown=True):
-        for name in files + dirs:
-            path = os.path.join(top, name)
-            st = os.lstat(path)
-            if st.st_dev != root_dev:
-                if name in dirs:
-                    dirs.remove(name)  # a mount point: not ours to change
-                continue
-            fix(path, st)
-    fix(root, os.lstat(root))  # last: marks the tree as shifted
+    try:
+        for top, dirs, files in os.walk(root, topdown=True):
+            for name in files + dirs:
+                path = os.path.join(top, name)
+                st = os.lstat(path)
+                if st.st_dev != root_dev:
+                    if name in dirs:
+                        dirs.remove(name)  # a mount point: not ours to change
+                    continue
+                fix(path, st)
+                seen += 1
+                if tty and not seen % 256:
+                    report()
+        fix(root, os.lstat(root))  # last: marks the tree as shifted
+    finally:
+        if tty:
+            report(final=True)
     return changed
 
 

@@ -168,3 +168,67 @@ def cached_debian_rootfs() -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return root
+
+
+BOOTSTRAP_HOSTNAME = "bootstrapped"
+BOOTSTRAP_PASSWORD = "root"
+
+
+def cached_bootstrap_rootfs() -> Path:
+    """A tree made by our own `machinepy bootstrap` (about 30 s), root's password
+    BOOTSTRAP_PASSWORD; rebuilt when machinepy/bootstrap.py changes."""
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    root = cache_dir() / "bootstrap"
+    stamp = root / STAMP
+    want = _fingerprint(repo / "machinepy/bootstrap.py")
+    if stamp.exists() and stamp.read_text() == want:
+        return root
+    with _locked(cache_dir() / ".bootstrap.lock"):
+        if stamp.exists() and stamp.read_text() == want:
+            return root
+        if root.exists():
+            shutil.rmtree(root)
+        fd, password_file = tempfile.mkstemp(prefix=".bootstrap-password-", dir=cache_dir())
+        try:
+            os.write(fd, f"{BOOTSTRAP_PASSWORD}\n".encode())
+            os.close(fd)
+            # The bootstrap builds beside the target and leaves nothing on failure.
+            r = subprocess.run(
+                [sys.executable, "-m", "machinepy", "bootstrap", str(root),
+                 f"--mirror={debian_mirror()}", f"--suite={DEBIAN_SUITE}",
+                 f"--hostname={BOOTSTRAP_HOSTNAME}", f"--root-password-file={password_file}"],
+                stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                env={**os.environ, "PYTHONPATH": str(repo)},
+            )
+            if r.returncode != 0:
+                raise RuntimeError(f"machinepy bootstrap failed: {r.stderr.strip()}")
+        finally:
+            os.unlink(password_file)
+        stamp.write_text(want)
+    return root
+
+
+def cached_debuild_root() -> Path:
+    """`machinepy debuild --create`'s build root for DEBIAN_SUITE, made once (about 30 s)."""
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    arch = subprocess.run(["dpkg", "--print-architecture"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    root = cache_dir() / "debuild" / f"debian-{DEBIAN_SUITE}-{arch}"
+    if root.exists():  # put in place only once complete
+        return root
+    with _locked(cache_dir() / ".debuild.lock"):
+        if not root.exists():
+            r = subprocess.run(
+                [sys.executable, "-m", "machinepy", "debuild", "--create",
+                 f"--cache-dir={root.parent}", f"--suite={DEBIAN_SUITE}",
+                 f"--mirror={debian_mirror()}"],
+                stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                env={**os.environ, "PYTHONPATH": str(repo)},
+            )
+            if r.returncode != 0:
+                raise RuntimeError(f"machinepy debuild --create failed: {r.stderr.strip()}")
+    return root

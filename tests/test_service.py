@@ -722,6 +722,9 @@ def test_cli_verbs(bus_address: str, tmp_path: Path, busybox_root: Path) -> None
         assert [line.split()[:2] for line in lines[1:3]] == [[other, "running"],
                                                             ["web", "running"]]
         assert lines[-1] == "2 containers listed."
+        r = machinepy(bus_address, "list", "--no-legend", "--no-pager")  # as machinectl's
+        assert [line.split()[:2] for line in r.stdout.splitlines()] == [[other, "running"],
+                                                                       ["web", "running"]]
         r = machinepy(bus_address, "list", "-o", "json")
         rows = {row["Name"]: row for row in json.loads(r.stdout)}
         assert rows["web"]["RootDirectory"] == str(busybox_root)

@@ -305,3 +305,22 @@ def test_private_users_pick_detaches(own_root: Path) -> None:
     finally:
         for pid in _processes_with(name):  # only when it went wrong
             os.kill(pid, 9)
+
+
+def test_chown_shift_shows_progress_on_a_terminal_only(tmp_path: Path) -> None:
+    import io
+
+    from machinepy.userns import shift
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    for i in range(600):
+        (tmp_path / f"f{i}").write_text("")
+    tty, pipe = Terminal(), io.StringIO()
+    assert shift(str(tmp_path), 0x80000, progress=tty) == 601
+    assert f"machinepy: shifting {tmp_path} into {0x80000}…: 256 entries" in tty.getvalue()
+    assert tty.getvalue().endswith("\r\x1b[K")  # the line is gone when done
+    assert shift(str(tmp_path), 0x80000, progress=pipe) == 0  # idempotent
+    assert pipe.getvalue() == ""

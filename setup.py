@@ -1,0 +1,34 @@
+# SPDX-License-Identifier: BSD-2-Clause
+"""Build step beyond pyproject.toml: machinepy(1), generated from the command line's
+parsers (machinepy.docgen) while building, installed as share/man/man1/machinepy.1.
+No copy of the page is kept in the tree."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from setuptools import setup
+from setuptools.command.build_py import build_py
+
+HERE = Path(__file__).resolve().parent
+MAN_PAGE = "build/man/machinepy.1"  # relative: setuptools wants data_files so
+
+
+class BuildWithManPage(build_py):
+    def run(self) -> None:
+        super().run()
+        sys.path.insert(0, str(HERE))  # the tree being built, not an installed machinepy
+        try:
+            from machinepy.docgen import manpage
+        finally:
+            sys.path.pop(0)
+        out = HERE / MAN_PAGE
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(manpage())
+
+
+os.chdir(HERE)
+setup(cmdclass={"build_py": BuildWithManPage},
+      data_files=[("share/man/man1", [MAN_PAGE])])
