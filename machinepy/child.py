@@ -24,7 +24,7 @@ import select
 import signal
 import struct
 import termios
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple, NoReturn
 
 from machinepy import linux
@@ -69,6 +69,11 @@ class ChildConfig(NamedTuple):
     gid: int | None = None
     groups: Sequence[int] = ()
     cgroupns: bool = True  # unshared after "go", once the leader sits in its scope
+    # With a root of its own: unshared only right before the cgroup2 mount, after
+    # a second line from the supervisor ("cg": the leader's cgroup is final),
+    # so the supervisor's cgroup migration (an RCU grace period, ~10 ms) runs
+    # while this process makes its mounts.
+    cgroup_late: bool = False
     # Whether the user namespace has a root: a user's `--user=$USER` container
     # without subordinate ids maps only the user, and PID 1 stays that id.
     root_mapped: bool = True
@@ -119,13 +124,21 @@ def setup_child(cfg: ChildConfig, status_w: int, go_r: int) -> NoReturn:
 
 
 def _read_go(go_r: int) -> bytes:
+    """One line from the supervisor; byte by byte, since a second may follow."""
     data = b""
     while not data.endswith(b"\n"):
-        chunk = os.read(go_r, 4096)
+        chunk = os.read(go_r, 1)
         if not chunk:  # supervisor gone: never run unsupervised
             os._exit(1)
         data += chunk
     return data[:-1]
+
+
+def _join_cgroup_namespace(go_r: int) -> None:
+    if _read_go(go_r) != b"cg":
+        os._exit(1)
+    os.close(go_r)
+    _step("unshare cgroup namespace", linux.unshare, linux.CLONE_NEWCGROUP)
 
 
 def container_init(cfg: ChildConfig, status_w: int, go_r: int) -> NoReturn:
@@ -139,7 +152,10 @@ def container_init(cfg: ChildConfig, status_w: int, go_r: int) -> NoReturn:
         # hold the user's controlling terminal (TIOCSTI, job control signals).
         _step("setsid", os.setsid)
         go = _read_go(go_r).split(b" ", 1)
-        os.close(go_r)
+        late = cfg.cgroupns and cfg.cgroup_late
+        if not late:
+            os.close(go_r)
+            go_r = -1
         if go[0] != b"go":
             os._exit(1)
         plan = list(cfg.plan)
@@ -148,7 +164,8 @@ def container_init(cfg: ChildConfig, status_w: int, go_r: int) -> NoReturn:
             # directory; the container receives it at /run/host/incoming.
             plan += propagation_ops(os.fsdecode(go[1]))
         _close_fds(keep=(status_w, *(fd for fd in (cfg.console, cfg.notify, cfg.root_tree)
-                                     if fd is not None), *cfg.keep_fds))
+                                     if fd is not None), *cfg.keep_fds,
+                         *((go_r,) if late else ())))
         # Host paths are opened while we still have our host credentials.
         host_root = _open_root(cfg.root) if cfg.root is not None and cfg.root_tree is None else -1
         try:
@@ -165,7 +182,7 @@ def container_init(cfg: ChildConfig, status_w: int, go_r: int) -> NoReturn:
             # The container's root is the host's root: not the caller's groups, too.
             _step("drop supplementary groups", os.setgroups, [])
         _join_session_keyring()
-        if cfg.cgroupns:
+        if cfg.cgroupns and not late:
             _step("unshare cgroup namespace", linux.unshare, linux.CLONE_NEWCGROUP)
         if cfg.unshare_flags & linux.CLONE_NEWNET:
             _step("bring up lo", _loopback_up)
@@ -175,7 +192,8 @@ def container_init(cfg: ChildConfig, status_w: int, go_r: int) -> NoReturn:
             _step("make mounts private", linux.mount, None, "/", None,
                   linux.MS_REC | linux.MS_SLAVE)
         if cfg.root is not None:
-            _enter_root(cfg, host_root, plan, host_fds)
+            _enter_root(cfg, host_root, plan, host_fds,
+                        (lambda: _join_cgroup_namespace(go_r)) if late else None)
         else:
             _apply_plan(plan, "/")
             _close_all(host_fds)
@@ -261,10 +279,16 @@ def _close_fds(keep: Sequence[int]) -> None:
     os.closerange(last + 1, 1 << 20)
 
 
-def _apply_plan(plan: Sequence[MountOp], root: str) -> None:
+def _apply_plan(plan: Sequence[MountOp], root: str,
+                before_cgroup: Callable[[], None] | None = None) -> None:
+    """Apply PLAN below ROOT; BEFORE_CGROUP runs right before the cgroup2 mount
+    (or at the end, when there is none)."""
     root_fd = os.open(root, O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         for op in plan:
+            if before_cgroup is not None and getattr(op, "fstype", None) == "cgroup2":
+                before_cgroup()
+                before_cgroup = None
             try:
                 op.apply(root_fd)
                 if mounts_root(op) and root != "/":
@@ -277,6 +301,8 @@ def _apply_plan(plan: Sequence[MountOp], root: str) -> None:
     finally:
         if root_fd >= 0:
             os.close(root_fd)
+    if before_cgroup is not None:
+        before_cgroup()
 
 
 def _open_root(root: str) -> int:
@@ -287,7 +313,7 @@ def _open_root(root: str) -> int:
 
 
 def _enter_root(cfg: ChildConfig, host_root: int, plan: Sequence[MountOp],
-                host_fds: Sequence[int]) -> None:
+                host_fds: Sequence[int], before_cgroup: Callable[[], None] | None) -> None:
     _step("mount staging tmpfs", linux.mount, "tmpfs", STAGING, "tmpfs", linux.MS_NOSUID,
           cfg.staging)
     _step("mkdir", os.mkdir, STAGED_ROOT, 0o755)
@@ -303,7 +329,7 @@ def _enter_root(cfg: ChildConfig, host_root: int, plan: Sequence[MountOp],
         _ephemeral_root(lower)
     elif cfg.root_tree is None:
         _step("bind root", linux.mount, lower, STAGED_ROOT, None, linux.MS_BIND | linux.MS_REC)
-    _apply_plan(plan, STAGED_ROOT)
+    _apply_plan(plan, STAGED_ROOT, before_cgroup)
     if cfg.notify is not None:
         _bind_notify(cfg.notify, STAGED_ROOT)
     try:

@@ -4,16 +4,18 @@
 The supervisor's exit stack undoes everything on every path it lives through.
 A few things outlive a SIGKILLed supervisor, though: the container dies with
 it (PDEATHSIG), but a cgroup directory or a socket file does not vanish by
-itself.  For those, a janitor: a small process of its own (a fresh interpreter
-that imports only this module, machinepy.cgroup and, for a console socket,
-machinepy.attach) holding the read end of a pipe.  The supervisor writes each
-path to clean as it makes it; when the pipe reaches EOF — the supervisor
-exited, however — the janitor cleans every one (idempotently: the supervisor
-normally got there first) and exits.
+itself.  For those, a janitor: a small process of its own holding the read
+end of a pipe.  The supervisor writes each path to clean as it makes it; when
+the pipe reaches EOF, the janitor does them all (idempotently).  A supervisor
+that cleaned up itself ends with a DONE line, and the janitor then just exits.
 
-It is spawned (posix_spawn: no fork of our heap, no copy of our command line
-for `pidof` to find) in a session of its own, out of reach of the terminal's
-^C, once per container that needs one, and nothing waits for it to start.
+While it waits, the janitor is a shell reading the pipe (~1 ms to start, on
+the start-up path of every container with a cgroup of its own); only after a
+supervisor died without DONE does it exec an interpreter for the jobs (this
+module, machinepy.cgroup and, for a console socket, machinepy.attach).  It is
+spawned (posix_spawn: no fork of our heap, no copy of our command line for
+`pidof` to find) in a session of its own, out of reach of the terminal's ^C,
+and nothing waits for it.
 """
 
 from __future__ import annotations
@@ -30,6 +32,12 @@ UNLINK = "unlink"
 RMDIR = "rmdir"
 CGROUP = "cgroup"  # cgroup.kill, then rmdir (see machinepy.cgroup.remove)
 ATTACH = "attach"  # a console socket and its keys (see machinepy.attach.forget)
+DONE = "DONE"  # the last line of a supervisor that cleaned up itself
+
+# The waiting shell: all the jobs, then — unless they end with DONE — the
+# interpreter ($0) running serve() ($1) on them.
+_WAIT = ('jobs=$(cat); case "$jobs" in ""|*DONE) exit 0;; esac; '
+         'printf "%s\\n" "$jobs" | exec "$0" -I -S -c "$1"')
 
 
 class Janitor:
@@ -45,7 +53,7 @@ class Janitor:
             null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
             try:
                 self.pid = os.posix_spawn(
-                    sys.executable, [sys.executable, "-I", "-S", "-c", code], {},
+                    "/bin/sh", ["sh", "-c", _WAIT, sys.executable, code], {},
                     file_actions=[(os.POSIX_SPAWN_DUP2, r, 0), (os.POSIX_SPAWN_DUP2, null, 1),
                                   (os.POSIX_SPAWN_DUP2, null, 2)],
                     setsid=True)
@@ -60,19 +68,24 @@ class Janitor:
 
     def add(self, kind: str, path: str) -> None:
         """Clean PATH when we are gone.  Writes one short line: never blocks."""
+        if "\n" in path:  # one job a line; our own paths never hold one
+            raise ValueError(f"janitor: a path with a newline: {path!r}")
         if self._w < 0:
             self.start()
         os.write(self._w, f"{kind} {path}\n".encode(errors="surrogateescape"))
 
-    def close(self) -> None:
-        """Let the janitor do its round now (after our own clean-up).
+    def close(self, clean: bool = False) -> None:
+        """Let the janitor go: CLEAN, we undid everything ourselves (it just
+        exits); else it does its round now.
 
-        Not waited for: it may not even have started yet, and a one-shot run
-        should not pay its start-up; it is reaped when it is done (WNOHANG
-        here) or adopted by init once we exit.
+        Not waited for: it is reaped when it is done (WNOHANG here) or adopted
+        by init once we exit.
         """
         if self._w < 0:
             return
+        if clean:
+            with contextlib.suppress(OSError):
+                os.write(self._w, DONE.encode() + b"\n")
         os.close(self._w)
         self._w = -1
         with contextlib.suppress(ChildProcessError):

@@ -85,6 +85,7 @@ def child_config(spec: ContainerSpec, *, console: int | None = None,
         gid=pw.gid if user and pw else None,
         groups=supplementary_groups(pw, spec.root) if user and pw else (),
         cgroupns="cgroup" in spec.namespaces,
+        cgroup_late=spec.root is not None,
         root_mapped=_maps_root(spec.user_maps) and _maps_root(
             spec.group_maps if spec.group_maps is not None else spec.user_maps),
         console=console,
@@ -121,11 +122,28 @@ class Spawned:
         self.status_r = status_r  # ERR lines from PID 1 until exec; EOF on exec
         self.go_w = go_w
 
-    def go(self, propagate: str | None = None) -> None:
+    def go(self, propagate: str | None = None, *, more: bool = False) -> None:
+        """Let PID 1 start; MORE: it waits for cgroup_ready() before it unshares
+        its cgroup namespace (child.ChildConfig.cgroup_late)."""
         msg = b"go" + (b" " + os.fsencode(propagate) if propagate else b"")
         os.write(self.go_w, msg + b"\n")
-        os.close(self.go_w)
-        self.go_w = -1
+        if not more:
+            os.close(self.go_w)
+            self.go_w = -1
+
+    def cancel_go(self) -> None:
+        """No second line after all: a waiting PID 1 reads EOF and exits."""
+        if self.go_w >= 0:
+            os.close(self.go_w)
+            self.go_w = -1
+
+    def cgroup_ready(self) -> None:
+        """PID 1 sits in its final cgroup: it may root its cgroup namespace there."""
+        if self.go_w >= 0:
+            with contextlib.suppress(BrokenPipeError):  # PID 1 failed: its error follows
+                os.write(self.go_w, b"cg\n")
+            os.close(self.go_w)
+            self.go_w = -1
 
     def abort(self) -> None:
         """Kill PID 1 (waiting for go or running) and reap it; idempotent."""

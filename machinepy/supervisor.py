@@ -198,8 +198,16 @@ class Supervisor:
     # -- main ---------------------------------------------------------------
 
     async def run(self) -> int:
+        try:
+            status = await self._run_held()
+        except BaseException:
+            self.janitor.close()  # it cleans whatever we may not have
+            raise
+        self.janitor.close(clean=True)  # all undone by us: nothing for it to do
+        return status
+
+    async def _run_held(self) -> int:
         with contextlib.ExitStack() as hold:
-            hold.callback(self.janitor.close)
             if self.spec.private_users and not self.spec.user_maps:
                 from machinepy.spec import IdMap
                 from machinepy.userns import RANGE, UsernsError, private_root
@@ -273,11 +281,17 @@ class Supervisor:
                 write_id_maps(child.leader, self.spec)
                 await self._setup_network(stack)
                 propagate = await self._register(stack)
-                self._own_cgroup(stack)
+                late = cfg.cgroupns and cfg.cgroup_late
+                if not late:
+                    self._own_cgroup(stack)
+                # PID 1 makes its mounts meanwhile; it roots its cgroup
+                # namespace only once cgroup_ready() says where it sits.
+                child.go(propagate, more=late)
+                if late:
+                    await self._own_cgroup_late(stack, child)
             except SpawnError as e:
                 self.on_error(str(e))
                 return 1
-            child.go(propagate)
             if pty is not None:
                 self._start_console(pty.master, stack)
             setup_error = await self._read_setup_errors(child)
@@ -487,35 +501,53 @@ class Supervisor:
             os.setxattr(propagate, PROPAGATE_OWNER_XATTR, _process_key(owner))
         return propagate
 
-    def _own_cgroup(self, stack: contextlib.AsyncExitStack) -> None:
+    async def _own_cgroup_late(self, stack: contextlib.AsyncExitStack, child: Spawned) -> None:
+        """_own_cgroup while PID 1 already makes its mounts, then cgroup_ready()."""
+        try:
+            payload = self._own_cgroup(stack)
+        except SpawnError:
+            # PID 1 may have failed first (and gone, so it could not be moved):
+            # its reason is the one to give.
+            child.cancel_go()
+            reason = await self._read_setup_errors(child)
+            if reason:
+                raise SpawnError(reason) from None
+            raise
+        child.cgroup_ready()
+        if payload is not None and self.die_with_supervisor:
+            # After PID 1 goes on, off its path; the daemon's containers outlive
+            # it, and so must their cgroups.
+            from machinepy import janitor
+
+            self.janitor.add(janitor.CGROUP, payload)
+
+    def _own_cgroup(self, stack: contextlib.AsyncExitStack) -> str | None:
         """Registered: hand the scope to a user-namespaced root.  Unregistered:
         a cgroup of the container's own below ours, which its cgroup namespace
         (unshared after "go") is then rooted at (see machinepy.cgroup)."""
         if "cgroup" not in self.spec.namespaces:
-            return
-        from machinepy import cgroup, janitor
+            return None
+        from machinepy import cgroup
 
         c = self.container
         try:
             if c.registered:
                 if self.spec.user_maps:
                     cgroup.delegate(c.leader, self.spec.user_maps[0].outside)
-                return
+                return None
             if self.spec.root is None:
                 # On the host's root the container has the host's /sys anyway: a
                 # cgroup of its own would change nothing it can reach.
-                return
+                return None
             try:
                 path = cgroup.make_payload(c.leader)
             except cgroup.CgroupError:
                 if os.geteuid() == 0 and not self.spec.user_maps:
                     raise  # its root would see (and could kill) our whole subtree
-                return  # a user's container: its root has no more rights there than the user
+                return None  # a user's container: its root has no more rights there than the user
             if path is not None:
                 stack.callback(cgroup.remove, path)
-                if self.die_with_supervisor:
-                    # The daemon's containers outlive it: theirs must stay.
-                    self.janitor.add(janitor.CGROUP, path)
+            return path
         except cgroup.CgroupError as e:
             raise SpawnError(str(e)) from None
 

@@ -11,6 +11,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import termios
 import time
 from pathlib import Path
@@ -430,3 +431,18 @@ def test_detach_reports_setup_errors(busybox_root: Path) -> None:
     r = run("-d", "-r", str(busybox_root), "--", "/no/such/binary")
     assert r.returncode == 1
     assert r.stderr.strip() == "machinepy: exec /no/such/binary: No such file or directory"
+
+
+def test_mount_failure_before_the_cgroup_is_one_line(busybox_root: Path) -> None:
+    # An overlay on / is the first mount PID 1 makes, while the supervisor still
+    # moves it into its cgroup: its own error is the one reported.
+    upper = Path(tempfile.mkdtemp(prefix="mpytest-up-", dir="/dev/shm"))
+    work = Path(tempfile.mkdtemp(prefix="mpytest-wk-", dir="/var/tmp"))
+    try:
+        r = run("-r", str(busybox_root), "-m", f"overlay:{upper}:/:{work}", "--", "true")
+        assert r.returncode == 127  # PID 1's setup failures, as an exec failure
+        assert r.stderr.startswith("machinepy: overlay: /: mount overlay: "), r.stderr
+        assert len(r.stderr.splitlines()) == 1, r.stderr
+    finally:
+        upper.rmdir()
+        work.rmdir()
