@@ -221,37 +221,13 @@ def shift(root: str, base: int, progress: TextIO | None = None) -> int:
 
 
 def _userns_with_map(base: int) -> int:
-    """An fd of a fresh user namespace mapping 0… to BASE…, for idmapped mounts.
-
-    The namespace is made by a short-lived child (plain syscalls between fork
-    and exit) and lives on through the fd.
-    """
-    ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
-    release_r, release_w = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(ready_r)
-            os.close(release_w)
-            linux.unshare(linux.CLONE_NEWUSER)
-            os.write(ready_w, b"1")
-            os.read(release_r, 1)  # EOF: the parent has what it needs
-        finally:
-            os._exit(0)
-    os.close(ready_w)
-    os.close(release_r)
+    """An fd of a fresh user namespace mapping 0… to BASE…, for idmapped mounts:
+    a RangeHold's namespace, which lives on through the fd once it is let go."""
+    hold = RangeHold(base)
     try:
-        if os.read(ready_r, 1) != b"1":
-            raise OSError(1, "unshare(CLONE_NEWUSER) failed")
-        text = f"0 {base} {RANGE}\n"
-        for name in ("uid_map", "gid_map"):
-            with open(f"/proc/{pid}/{name}", "w") as f:
-                f.write(text)
-        return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+        return os.open(f"/proc/{hold.pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
     finally:
-        os.close(ready_r)
-        os.close(release_w)
-        os.waitpid(pid, 0)
+        hold.close()
 
 
 def idmapped_tree(root: str, userns: int) -> int:
