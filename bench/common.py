@@ -49,6 +49,22 @@ def add_install_option(parser: argparse.ArgumentParser) -> None:
                              "dev: the current (editable) install")
 
 
+def busybox_run_args(doc: str | None) -> tuple[int, str]:
+    """(runs, busybox root) of a start-up script's command line (--runs, --root,
+    --installed), the chosen install already in use."""
+    parser = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--root", help="busybox rootfs (default: the cached test rootfs)")
+    add_install_option(parser)
+    args = parser.parse_args()
+    use_install(args.installed)
+    if args.root:
+        return max(args.runs, 10), args.root
+    from tests.rootfs import cached_busybox_rootfs
+
+    return max(args.runs, 10), str(cached_busybox_rootfs())
+
+
 def use_install(mode: str) -> None:
     """Select (and for "venv", refresh) the machinepy the benchmark runs."""
     global _installed

@@ -10,7 +10,6 @@ for building is what the cache is for: building costs ~12 ms).
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import statistics
@@ -21,12 +20,11 @@ from collections.abc import Callable
 
 from common import (
     Result,
-    add_install_option,
+    busybox_run_args,
     interpreter,
     machinepy_script,
     print_table,
     time_command,
-    use_install,
 )
 
 
@@ -104,21 +102,9 @@ def parts(runs: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=20)
-    parser.add_argument("--root", help="busybox rootfs (default: the cached test rootfs)")
-    add_install_option(parser)
-    args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root")
-    runs = max(args.runs, 10)
-    use_install(args.installed)
-    if args.root:
-        root = args.root
-    else:
-        from tests.rootfs import cached_busybox_rootfs
-
-        root = str(cached_busybox_rootfs())
+    runs, root = busybox_run_args(__doc__)
     py, mp = interpreter(), machinepy_script()
     run = [mp, "run", "--register=no", "-r", root, "--", "/bin/true"]
     results = [

@@ -9,36 +9,22 @@ floor (`python3 -c pass`) + 40 ms.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 
 from common import (
     Result,
-    add_install_option,
+    busybox_run_args,
     interpreter,
     machinepy_script,
     print_table,
     time_command,
-    use_install,
 )
 
 GOAL_MS = 40.0
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=20)
-    parser.add_argument("--root", help="busybox rootfs (default: the cached test rootfs)")
-    add_install_option(parser)
-    args = parser.parse_args()
-    runs = max(args.runs, 10)
-    use_install(args.installed)
-    if args.root:
-        root = args.root
-    else:
-        from tests.rootfs import cached_busybox_rootfs
-
-        root = str(cached_busybox_rootfs())
+    runs, root = busybox_run_args(__doc__)
     py, mp = interpreter(), machinepy_script()
     rows: list[tuple[str, list[str]]] = [
         ("python3 -c pass (floor)", [py, "-c", "pass"]),
