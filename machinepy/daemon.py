@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from machinepy.peer import start_time
 from machinepy.service import Console, Entry, Hooks, Service
 from machinepy.spec import ContainerSpec
 from machinepy.supervisor import PROPAGATE_OWNER_XATTR, SIG_HALT, STOP_TIMEOUT, Container
@@ -52,12 +53,6 @@ log = logging.getLogger("machinepy.daemon")
 STATE_DIR = "/run/machinepy"
 PROPAGATE_DIR = "/run/systemd/nspawn/propagate"
 CONSOLE_FDNAME = "console-"
-
-
-def start_time(pid: int) -> int:
-    """Field 22 of /proc/PID/stat: with the pid, names a process for good."""
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        return int(f.read().rsplit(b")", 1)[1].split()[19])
 
 
 class Notifier:

@@ -20,11 +20,22 @@ import struct
 SO_PEERPIDFD = 77  # Linux >= 6.5; not in Python 3.11's socket module
 
 
+def _stat(pid: int) -> list[bytes]:
+    """The fields of /proc/PID/stat after the command name (which may hold ')')."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        return f.read().rsplit(b")", 1)[1].split()
+
+
+def start_time(pid: int) -> int:
+    """Field 22 of /proc/PID/stat: with the pid, names a process for good.
+    OSError when PID is gone."""
+    return int(_stat(pid)[19])
+
+
 def process_key(pid: int) -> tuple[int, str] | None:
     """(start time, state) of PID from /proc/PID/stat, None when gone."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
+        fields = _stat(pid)
     except (OSError, IndexError):
         return None
     return int(fields[19]), fields[0].decode()

@@ -52,9 +52,9 @@ def warn(msg: str) -> None:
 
 def _process_key(pid: int) -> bytes:
     """pid plus start time: survives pid reuse."""
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        fields = f.read().rsplit(b")", 1)[1].split()
-    return b"%d %s" % (pid, fields[19])
+    from machinepy.peer import start_time  # not at the top: it imports socket
+
+    return b"%d %d" % (pid, start_time(pid))
 
 
 def sweep_propagate_dirs() -> None:
