@@ -29,7 +29,7 @@ from common import (
 
 
 def _clear_cache() -> None:
-    from machinepy.seccomp import cache_dir
+    from machinepy.runtime.seccomp import cache_dir
 
     d = cache_dir()
     if d and os.path.isdir(d):
@@ -65,14 +65,15 @@ def parts(runs: int) -> None:
     """Import, cache hit, build and load, in this process (the load in a forked child)."""
     py = interpreter()
     # On top of what every run imports anyway (the spec, the syscall wrappers).
-    code = ("import time, machinepy.spec, machinepy.linux; t = time.perf_counter(); "
-            "import machinepy.seccomp; print((time.perf_counter() - t) * 1e3)")
+    code = ("import time, machinepy.core.spec, machinepy.core.linux; t = time.perf_counter(); "
+            "import machinepy.runtime.seccomp; print((time.perf_counter() - t) * 1e3)")
     # cwd "/": `python -c` puts its cwd first on sys.path, and a checkout there
     # would be imported (and compiled, with no bytecode) instead of the install.
     imports = [float(subprocess.run([py, "-c", code], capture_output=True, text=True,
                                     check=True, cwd="/").stdout) for _ in range(runs)]
-    from machinepy import linux, seccomp
-    from machinepy.caps import DEFAULT_RETAIN
+    from machinepy.core import linux
+    from machinepy.core.caps import DEFAULT_RETAIN
+    from machinepy.runtime import seccomp
 
     seccomp.programs_for((), DEFAULT_RETAIN)  # warm the cache
     hit = _median_ms(lambda: seccomp.programs_for((), DEFAULT_RETAIN), runs)
@@ -94,7 +95,7 @@ def parts(runs: int) -> None:
         os.waitpid(pid, 0)
     sizes = "+".join(str(len(p) // 8) for p in programs)
     print(f"\nparts, median of {runs} (in-process)")
-    print(f"  import machinepy.seccomp (after spec, linux)  {statistics.median(imports):6.2f} ms")
+    print(f"  import runtime.seccomp (after spec, linux)   {statistics.median(imports):6.2f} ms")
     print(f"  programs_for, cache hit                      {hit:6.2f} ms")
     print(f"  programs_for, no cache (libseccomp build)    {build:6.2f} ms")
     print(f"  seccomp(2) of the {len(programs)} programs ({sizes} insns)"

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from machinepy.service import container_path
+from machinepy.service.manager import container_path
 
 MACHINEPY = [sys.executable, "-m", "machinepy"]
 DEST = ("io.machinepy1", "/io/machinepy1", "io.machinepy1.Manager")

@@ -30,7 +30,7 @@ from integration.test_service import (
     names,
     wait_for,
 )
-from machinepy.service import container_path
+from machinepy.service.manager import container_path
 
 __all__ = ["host", "installed"]  # fixtures
 

@@ -1,4 +1,4 @@
 # SPDX-License-Identifier: BSD-2-Clause
-from machinepy.cli import entry
+from machinepy.main import entry
 
 entry()

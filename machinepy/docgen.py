@@ -19,46 +19,47 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from machinepy import cli
+from machinepy.cli import run as cli
+from machinepy.cli.args import Parser, UsageError
 
 # Verbs whose parsers live beside their code: (verb, help, parser factory).
 VerbTable = list[tuple[str, str, Callable[[], argparse.ArgumentParser]]]
 
 
-def _client(verb: str) -> Callable[[], cli.Parser]:
-    def make() -> cli.Parser:
-        from machinepy.client import verb_parser
+def _client(verb: str) -> Callable[[], Parser]:
+    def make() -> Parser:
+        from machinepy.cli.client import verb_parser
 
         return verb_parser(verb)
 
     return make
 
 
-def _bootstrap() -> cli.Parser:
-    from machinepy.bootstrap import parser
+def _bootstrap() -> Parser:
+    from machinepy.cli.bootstrap import parser
 
     return parser()
 
 
-def _debuild() -> cli.Parser:
-    from machinepy.debuild import parser
+def _debuild() -> Parser:
+    from machinepy.cli.debuild import parser
 
     return parser()
 
 
-def completion_parser() -> cli.Parser:
-    p = cli.Parser(prog="machinepy completion",
+def completion_parser() -> Parser:
+    p = Parser(prog="machinepy completion",
                    description="Print a completion script for bash or zsh.")
     p.add_argument("shell", choices=("bash", "zsh"))
     return p
 
 
-def man_parser() -> cli.Parser:
-    return cli.Parser(prog="machinepy man", description="Print the machinepy(1) man page (roff).")
+def man_parser() -> Parser:
+    return Parser(prog="machinepy man", description="Print the machinepy(1) man page (roff).")
 
 
 def _daemon() -> argparse.ArgumentParser:
-    from machinepy.daemon import build_parser
+    from machinepy.service.daemon import build_parser
 
     return build_parser()
 
@@ -95,7 +96,7 @@ def _subparsers(parser: argparse.ArgumentParser) -> argparse._SubParsersAction[A
     raise AssertionError("no subcommands")
 
 
-def full_parser() -> cli.Parser:
+def full_parser() -> Parser:
     """`machinepy` with every verb and every verb's options."""
     parser = cli.build_parser()
     sub = _subparsers(parser)
@@ -167,7 +168,7 @@ def completion(shell: str) -> str:
 def completion_main(argv: Sequence[str]) -> int:
     try:
         args = completion_parser().parse_args(list(argv))
-    except cli.UsageError as e:
+    except UsageError as e:
         print(f"machinepy: {e}", file=sys.stderr)
         return 2
     try:
@@ -303,7 +304,7 @@ def manpage(date: str | None = None) -> str:
 def man_main(argv: Sequence[str]) -> int:
     try:
         man_parser().parse_args(list(argv))
-    except cli.UsageError as e:
+    except UsageError as e:
         print(f"machinepy: {e}", file=sys.stderr)
         return 2
     sys.stdout.write(manpage())

@@ -79,7 +79,7 @@ def _machinepy_processes(exclude: set[int]) -> set[str]:
 
 
 def _payload_cgroups() -> set[str]:
-    from machinepy.cgroup import PAYLOAD_PREFIX, cgroup2_mount
+    from machinepy.runtime.cgroup import PAYLOAD_PREFIX, cgroup2_mount
 
     mount = cgroup2_mount()
     if mount is None:

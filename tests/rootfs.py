@@ -176,13 +176,13 @@ BOOTSTRAP_PASSWORD = "root"
 
 def cached_bootstrap_rootfs() -> Path:
     """A tree made by our own `machinepy bootstrap` (about 30 s), root's password
-    BOOTSTRAP_PASSWORD; rebuilt when machinepy/bootstrap.py changes."""
+    BOOTSTRAP_PASSWORD; rebuilt when machinepy/cli/bootstrap.py changes."""
     import sys
 
     repo = Path(__file__).resolve().parent.parent
     root = cache_dir() / "bootstrap"
     stamp = root / STAMP
-    want = _fingerprint(repo / "machinepy/bootstrap.py")
+    want = _fingerprint(repo / "machinepy/cli/bootstrap.py")
     if stamp.exists() and stamp.read_text() == want:
         return root
     with _locked(cache_dir() / ".bootstrap.lock"):

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from machinepy import bootstrap, cli
+from machinepy.cli import bootstrap
+from machinepy.cli import run as cli
 from tests.rootfs import BOOTSTRAP_HOSTNAME, cached_bootstrap_rootfs, debian_mirror
 from tests.test_userns import unprivileged_user  # noqa: F401 (a fixture)
 

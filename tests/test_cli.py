@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from machinepy.cli import build_parser, find_init, main, spec_from_args
-from machinepy.spec import SpecError
+from machinepy.cli.run import build_parser, find_init, main, spec_from_args
+from machinepy.core.spec import SpecError
 
 
 def parse(*argv: str) -> object:
@@ -150,7 +150,7 @@ def _python(code: str) -> str:
 
 def test_asyncio_for_the_command_is_imported_without_ssl() -> None:
     out = _python(
-        "import sys; from machinepy.cli import _import_asyncio; _import_asyncio()\n"
+        "import sys; from machinepy.cli.run import _import_asyncio; _import_asyncio()\n"
         "import asyncio.base_events, asyncio.sslproto\n"
         "print(asyncio.base_events.ssl, asyncio.sslproto.ssl, 'ssl' in sys.modules)\n"
         "import ssl; print(ssl.__name__)")  # still there for whoever needs it (pyroute2)
@@ -162,8 +162,8 @@ def test_run_without_systemd_imports_no_bus_or_netlink_library() -> None:
     # What `machinepy run` costs on a host whose PID 1 is not systemd: the
     # registration is skipped, so asyncio, dbus-fast and pyroute2 stay out.
     out = _python(
-        "import sys, machinepy.sd as sd; sd.systemd_booted = lambda: False\n"
-        "from machinepy.cli import main; status = main(['run', '--', 'true'])\n"
+        "import sys, machinepy.core.sd as sd; sd.systemd_booted = lambda: False\n"
+        "from machinepy.cli.run import main; status = main(['run', '--', 'true'])\n"
         "print(status, [m for m in ('asyncio', 'dbus_fast', 'pyroute2') if m in sys.modules])")
     assert out == "0 []"
 

@@ -8,8 +8,8 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from machinepy.console import ESCAPE_WINDOW, Relay
-from machinepy.loop import MiniLoop
+from machinepy.runtime.console import ESCAPE_WINDOW, Relay
+from machinepy.runtime.loop import MiniLoop
 
 ESC = b"\x1d"
 Body = Callable[[MiniLoop, Relay, list[str], int], Coroutine[Any, Any, None]]

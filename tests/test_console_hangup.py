@@ -8,7 +8,7 @@ import contextlib
 import os
 from typing import Any
 
-from machinepy.console import Pty, Relay
+from machinepy.runtime.console import Pty, Relay
 
 
 async def test_stop_cancels_the_hangup_retry() -> None:

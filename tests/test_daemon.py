@@ -20,12 +20,13 @@ from typing import Any
 
 import pytest
 
-from machinepy import daemon as daemon_mod
-from machinepy import linux, supervisor
-from machinepy.daemon import Adopted, Daemon, Notifier, start_time
-from machinepy.service import Entry
-from machinepy.spec import ContainerSpec
-from machinepy.supervisor import PROPAGATE_OWNER_XATTR, Container, sweep_propagate_dirs
+from machinepy.core import linux
+from machinepy.core.spec import ContainerSpec
+from machinepy.service import daemon as daemon_mod
+from machinepy.service.daemon import Adopted, Daemon, Notifier, start_time
+from machinepy.service.manager import Entry
+from machinepy.supervise import supervisor
+from machinepy.supervise.supervisor import PROPAGATE_OWNER_XATTR, Container, sweep_propagate_dirs
 
 
 def test_consoles_are_stored_unpolled(tmp_path: Path) -> None:
@@ -177,10 +178,10 @@ def _kernel_has_exit_info() -> bool:
 
 @pytest.mark.root  # the holder serves root only
 def test_the_holder_keeps_fds_for_the_next_daemon(tmp_path: Path) -> None:
-    from machinepy.holder import Client
+    from machinepy.service.holder import Client
 
     path = str(tmp_path / "holder.sock")
-    proc = subprocess.Popen([sys.executable, "-m", "machinepy.holder", path])
+    proc = subprocess.Popen([sys.executable, "-m", "machinepy.service.holder", path])
     r, w = os.pipe()
     try:
         for _ in range(200):

@@ -169,7 +169,7 @@ def test_failed_build_is_one_line_with_the_log(tmp_path: Path, build_root: Path)
 def test_build_root_per_distribution_and_suite(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                                env: dict[str, str], argv: list[str],
                                                suite: str) -> None:
-    from machinepy import debuild
+    from machinepy.cli import debuild
 
     monkeypatch.delenv("DIST", raising=False)
     for k, v in env.items():

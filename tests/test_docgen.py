@@ -186,7 +186,7 @@ def test_man_page_has_every_verb_and_option_of_the_parser(page: str) -> None:
 
 
 def test_full_parser_has_each_verbs_own_options() -> None:
-    from machinepy import bootstrap, client
+    from machinepy.cli import bootstrap, client
 
     parser = docgen.full_parser()
     children = dict(docgen.verbs(parser))

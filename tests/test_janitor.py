@@ -8,7 +8,7 @@ import os
 import time
 from pathlib import Path
 
-from machinepy.janitor import RMDIR, UNLINK, Janitor
+from machinepy.runtime.janitor import RMDIR, UNLINK, Janitor
 
 
 def _gone(path: Path, timeout: float = 5) -> bool:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from machinepy import linux
+from machinepy.core import linux
 
 
 def test_bound_unix_datagram_socket_receives(tmp_path: Path) -> None:

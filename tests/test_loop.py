@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from machinepy.loop import Future, MiniLoop
+from machinepy.runtime.loop import Future, MiniLoop
 
 
 def test_awaits_readers_timers_and_call_soon() -> None:

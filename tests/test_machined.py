@@ -20,18 +20,21 @@ import pytest
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
-from machinepy import machined, sd
-from machinepy.machined import (
-    MachineRegistration,
-    RegistrationError,
-    RegistrationUnavailable,
+from machinepy.core import sd
+from machinepy.core.sd import (
     bus_label_escape,
     scope_name,
+    system_bus_available,
     unit_name_escape,
     unit_path,
 )
-from machinepy.sd import system_bus_available
-from machinepy.unitprops import accounting_property, parse_property
+from machinepy.core.unitprops import accounting_property, parse_property
+from machinepy.integrate import machined
+from machinepy.integrate.machined import (
+    MachineRegistration,
+    RegistrationError,
+    RegistrationUnavailable,
+)
 from tests.fakebus import SCOPE, FakeSystem, MessageTrace, plain_properties
 
 NAME = "deb-x"

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from machinepy.mounts import (
+from machinepy.core.spec import ContainerSpec, MountSpec
+from machinepy.runtime.mounts import (
     BOOT_ID,
     INACCESSIBLE,
     PROC_READ_ONLY,
@@ -24,7 +25,6 @@ from machinepy.mounts import (
     own_runtime_dirs,
     staging_data,
 )
-from machinepy.spec import ContainerSpec, MountSpec
 
 
 def spec(**kw: object) -> ContainerSpec:

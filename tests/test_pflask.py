@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from machinepy.cli import build_parser, spec_from_args
-from machinepy.spec import MountSpec, NetifSpec, parse_mount, parse_netif
+from machinepy.cli.run import build_parser, spec_from_args
+from machinepy.core.spec import MountSpec, NetifSpec, parse_mount, parse_netif
 
 MACHINEPY = [sys.executable, "-m", "machinepy"]
 

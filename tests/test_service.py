@@ -24,7 +24,8 @@ import pytest
 from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
-from machinepy.service import (
+from machinepy.core.spec import MountSpec, SpecError
+from machinepy.service.manager import (
     BUS_NAME,
     CONTAINER_IFACE,
     MANAGER_IFACE,
@@ -33,7 +34,6 @@ from machinepy.service import (
     container_path,
     spec_from_options,
 )
-from machinepy.spec import MountSpec, SpecError
 
 BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
  "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
@@ -758,7 +758,7 @@ def test_install_units_into_a_root(tmp_path: Path) -> None:
     assert f"\nEnvironment=PYTHONPATH={repo}\nExecStart=" in service
     assert "BusName=io.machinepy1" in service and "KillMode=process" in service
     assert "FileDescriptorStoreMax=" in service
-    from machinepy.client import systemd_version
+    from machinepy.core.sd import systemd_version
 
     assert ("FileDescriptorStorePreserve=yes" in service) == ((systemd_version() or 254) >= 254)
     template = (tmp_path / "etc/systemd/system/machinepy@.service").read_text()
@@ -770,7 +770,8 @@ def test_install_units_into_a_root(tmp_path: Path) -> None:
 
 
 def test_fd_store_preserve_only_where_systemd_has_it() -> None:
-    from machinepy.client import UNITS_DIR, for_systemd, systemd_version
+    from machinepy.cli.client import UNITS_DIR, for_systemd
+    from machinepy.core.sd import systemd_version
 
     unit = (UNITS_DIR / "machinepy.service").read_text()
     assert "FileDescriptorStorePreserve=yes\n" in for_systemd(unit, 254)

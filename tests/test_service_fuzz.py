@@ -23,7 +23,7 @@ from dbus_fast.aio import MessageBus
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from machinepy.service import (
+from machinepy.service.manager import (
     BUS_NAME,
     CONTAINER_IFACE,
     CONTAINER_METHODS,
@@ -39,7 +39,7 @@ __all__ = ["bus_address"]  # the fixture, shared
 SERVICE = textwrap.dedent("""
     import asyncio, sys
     from dbus_fast.aio import MessageBus
-    from machinepy.service import Service
+    from machinepy.service.manager import Service
 
     async def main():
         bus = await MessageBus(bus_address=sys.argv[1], negotiate_unix_fd=True).connect()

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from machinepy.spec import (
+from machinepy.core.spec import (
     ContainerSpec,
     IdMap,
     MountSpec,

@@ -15,8 +15,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from machinepy.cli import main
-from machinepy.unitprops import (
+from machinepy.cli.run import main
+from machinepy.core.unitprops import (
     PROPERTIES,
     RESERVED,
     UINT32_MAX,

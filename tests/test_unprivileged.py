@@ -92,10 +92,11 @@ async def test_registration_refused_to_a_user_is_a_warning(
     # container runs unregistered (was: exit 1).
     import contextlib
 
-    from machinepy import machined, sd
-    from machinepy.spec import ContainerSpec
-    from machinepy.supervisor import Supervisor
-    from machinepy.unitprops import UnitProperty
+    from machinepy.core import sd
+    from machinepy.core.spec import ContainerSpec
+    from machinepy.core.unitprops import UnitProperty
+    from machinepy.integrate import machined
+    from machinepy.supervise.supervisor import Supervisor
 
     class Refusing:
         async def register(self, **_: object) -> str:

@@ -254,7 +254,7 @@ def test_private_users_bad_input_is_one_line(args: list[str], message: str) -> N
 def test_a_picked_range_is_held_until_released(own_root: Path) -> None:
     """Held by a process in a namespace with its map: the next pick moves on, and
     nothing (no lock file, no process) stays once it is released."""
-    from machinepy.userns import pick
+    from machinepy.runtime.userns import pick
 
     base, hold = pick(str(own_root))
     assert hold is not None
@@ -310,7 +310,7 @@ def test_private_users_pick_detaches(own_root: Path) -> None:
 def test_chown_shift_shows_progress_on_a_terminal_only(tmp_path: Path) -> None:
     import io
 
-    from machinepy.userns import shift
+    from machinepy.runtime.userns import shift
 
     class Terminal(io.StringIO):
         def isatty(self) -> bool:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from machinepy.cgroup import PAYLOAD_PREFIX, cgroup_dir
+from machinepy.runtime.cgroup import PAYLOAD_PREFIX, cgroup_dir
 from tests.security.conftest import run_in
 
 pytestmark = pytest.mark.root

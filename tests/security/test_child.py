@@ -155,7 +155,7 @@ HOST_KEYRING = "mpytest-host-session"
 
 def _join_named_session_keyring() -> None:
     libc = ctypes.CDLL(None, use_errno=True)
-    from machinepy import linux
+    from machinepy.core import linux
 
     if libc.syscall(linux.SYS_keyctl, linux.KEYCTL_JOIN_SESSION_KEYRING,
                     HOST_KEYRING.encode()) < 0:

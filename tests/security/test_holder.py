@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: BSD-2-Clause
-"""The daemon's console holder (machinepy.holder) keeps every container's
+"""The daemon's console holder (machinepy.service.holder) keeps every container's
 console: a container must get none of them, even as root on the host's root."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from machinepy.holder import SOCKET, Client
+from machinepy.service.holder import SOCKET, Client
 from tests.security.conftest import run_in
 
 pytestmark = pytest.mark.root
@@ -39,7 +39,7 @@ def holder() -> Iterator[str]:
     """A holder at a scratch path, holding one console (a pty master)."""
     tmp = Path(tempfile.mkdtemp(prefix="mpytest-holder-", dir="/var/tmp"))
     path = str(tmp / "consoles.sock")
-    proc = subprocess.Popen([sys.executable, "-m", "machinepy.holder", path])
+    proc = subprocess.Popen([sys.executable, "-m", "machinepy.service.holder", path])
     master, slave = os.openpty()
     try:
         for _ in range(200):

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from machinepy import linux
+from machinepy.core import linux
 from tests.security.conftest import run_in
 
 pytestmark = pytest.mark.root

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from machinepy import seccomp
-from machinepy.caps import DEFAULT_RETAIN, retained
-from machinepy.cli import main as cli_main
-from machinepy.spec import SpecError
+from machinepy.cli.run import main as cli_main
+from machinepy.core.caps import DEFAULT_RETAIN, retained
+from machinepy.core.spec import SpecError
+from machinepy.runtime import seccomp
 from tests.security.conftest import assert_blocked, run_in, run_probe
 from tests.test_userns import as_user, unprivileged_user  # noqa: F401 - a fixture
 
@@ -79,7 +79,7 @@ def test_bad_filter_is_one_line_exit_2(value: str, word: str,
 
 
 def test_no_new_privileges_option_values(capsys: pytest.CaptureFixture[str]) -> None:
-    from machinepy.cli import build_parser, spec_from_args
+    from machinepy.cli.run import build_parser, spec_from_args
 
     def spec(*opts: str) -> bool:
         args = build_parser("run").parse_args(["run", *opts, "--", "/bin/true"])
@@ -95,9 +95,9 @@ def test_no_new_privileges_option_values(capsys: pytest.CaptureFixture[str]) -> 
 
 
 def test_dbus_options_round_trip() -> None:
-    from machinepy.cli import build_parser
-    from machinepy.client import options_from_args
-    from machinepy.service import spec_from_options
+    from machinepy.cli.client import options_from_args
+    from machinepy.cli.run import build_parser
+    from machinepy.service.manager import spec_from_options
 
     args = build_parser("run").parse_args(
         ["run", "--system-call-filter=~@mount", "--system-call-filter=bpf",
@@ -161,11 +161,11 @@ def test_cache_hit_loads_no_libseccomp(tmp_path: Path) -> None:
 
     code = (
         "import sys\n"
-        "from machinepy import seccomp\n"
+        "from machinepy.runtime import seccomp\n"
         f"seccomp.cache_dir = lambda: {str(tmp_path)!r}\n"
         "seccomp.programs_for((), ('sys_admin',))\n"
         "with open('/proc/self/maps') as f: print('libseccomp' in f.read(),"
-        " 'machinepy.syscall_groups' in sys.modules)\n"
+        " 'machinepy.core.syscall_groups' in sys.modules)\n"
     )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
     runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

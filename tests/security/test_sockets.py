@@ -120,7 +120,7 @@ def janitor_of(supervisor: int) -> int:
                 ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
             except (OSError, ValueError):
                 continue
-            if ppid == supervisor and b"machinepy.janitor" in cmd:
+            if ppid == supervisor and b"machinepy.runtime.janitor" in cmd:
                 return int(p.name)
     raise AssertionError(f"no janitor for supervisor {supervisor}")
 
@@ -410,7 +410,7 @@ def test_user_detaches_and_attaches_in_its_runtime_dir(unprivileged_user: pwd.st
 
 def test_container_cannot_squat_a_uid_range(busybox_root: Path, probe: Callable[[str], Path],
                                             mode: tuple[str, ...]) -> None:
-    from machinepy.userns import pick
+    from machinepy.runtime.userns import pick
 
     tree = Path(tempfile.mkdtemp(prefix="mpytest-range-", dir="/var/tmp"))
     try:

@@ -8,14 +8,14 @@ that need them, so `machinepy run` starts about as fast as Python itself.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 from collections.abc import Sequence
 from types import ModuleType
-from typing import Any, NoReturn
+from typing import Any
 
-from machinepy.spec import (
+from machinepy.cli.args import Parser, UsageError, _bool
+from machinepy.core.spec import (
     NAMESPACES,
     OWNERSHIPS,
     ContainerSpec,
@@ -35,53 +35,7 @@ from machinepy.spec import (
 )
 
 INIT_CANDIDATES = ("/usr/lib/systemd/systemd", "/lib/systemd/systemd", "/sbin/init")
-# Verbs that talk to the io.machinepy1 service (machinepy.client, which needs dbus-fast).
-CLIENT_VERBS = ("start", "list", "status", "poweroff", "reboot", "terminate", "kill", "attach",
-                "daemon", "install-units")
-# Verbs of their own modules, imported only for them: module, function.
-TOOL_VERBS = {"bootstrap": ("machinepy.bootstrap", "main"),
-              "debuild": ("machinepy.debuild", "main"),
-              "completion": ("machinepy.docgen", "completion_main"),
-              "man": ("machinepy.docgen", "man_main")}
 MACHINES_DIR = "/var/lib/machines"
-
-
-class UsageError(Exception):
-    pass
-
-
-class HelpFormatter(argparse.HelpFormatter):
-    """argparse's, sized without shutil: argparse makes one for every option
-    it adds, and its own sizing imports shutil (and bz2, lzma, …) for that."""
-
-    def __init__(self, prog: str) -> None:
-        try:
-            columns = int(os.environ["COLUMNS"])
-        except (KeyError, ValueError):
-            try:
-                columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
-            except (AttributeError, ValueError, OSError):
-                columns = 80
-        super().__init__(prog, width=columns - 2)
-
-
-class Parser(argparse.ArgumentParser):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("formatter_class", HelpFormatter)
-        super().__init__(*args, **kwargs)
-
-    def error(self, message: str) -> NoReturn:
-        # One line naming the problem, exit 2 (not argparse's usage dump).
-        raise UsageError(message)
-
-
-def _bool(value: str) -> bool:
-    low = value.lower()
-    if low in ("yes", "true", "1", "on"):
-        return True
-    if low in ("no", "false", "0", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected yes or no, got {quote(value)}")
 
 
 def _container_options(p: argparse.ArgumentParser, *, boot: bool) -> None:
@@ -225,7 +179,7 @@ def machine_path(arg: str) -> tuple[str, str | None]:
     a NAME has no '/' and names nothing here, and means /var/lib/machines/NAME."""
     if "/" in arg or arg in (".", "..") or os.path.lexists(arg):
         return os.path.abspath(arg), None
-    from machinepy.spec import check_machine_name
+    from machinepy.core.spec import check_machine_name
 
     return os.path.join(MACHINES_DIR, check_machine_name(arg)), arg
 
@@ -233,7 +187,7 @@ def machine_path(arg: str) -> tuple[str, str | None]:
 def spec_from_args(args: argparse.Namespace) -> ContainerSpec:
     props = []
     if args.cgroup or args.property:
-        from machinepy.unitprops import PropertyError, accounting_property, parse_property
+        from machinepy.core.unitprops import PropertyError, accounting_property, parse_property
 
         try:
             # pflask 0.2: --cgroup=memory,pids
@@ -249,13 +203,13 @@ def spec_from_args(args: argparse.Namespace) -> ContainerSpec:
     if args.verb == "boot" and os.path.isdir(root):
         command = (find_init(root), *command)
     if args.caps:
-        from machinepy.caps import parse_caps
+        from machinepy.core.caps import parse_caps
 
         caps = parse_caps(args.caps)
     else:
         caps = ()
     if args.system_call_filter:
-        from machinepy.seccomp import parse_filter
+        from machinepy.runtime.seccomp import parse_filter
 
         syscalls = parse_filter(args.system_call_filter)
     else:
@@ -297,8 +251,8 @@ def spec_from_args(args: argparse.Namespace) -> ContainerSpec:
 def with_caller_maps(spec: ContainerSpec) -> ContainerSpec:
     """Without root and without --user-map: a user namespace in which the caller
     is root — or, with --user, that user — as pflask and `unshare -r` do."""
-    from machinepy.spec import lookup_user
-    from machinepy.subids import caller_maps
+    from machinepy.core.spec import lookup_user
+    from machinepy.core.subids import caller_maps
 
     pw = lookup_user(spec.user, spec.root) if spec.user is not None else None
     uids, gids = caller_maps(pw.uid if pw else 0, pw.gid if pw else 0)
@@ -312,7 +266,7 @@ def _needs_asyncio(spec: ContainerSpec) -> bool:
         return True
     if not spec.register:
         return False
-    from machinepy.sd import can_register
+    from machinepy.core.sd import can_register
 
     return can_register()
 
@@ -338,7 +292,7 @@ def _import_asyncio() -> ModuleType:
 
 
 def _supervise(spec: ContainerSpec, **kw: Any) -> int:
-    from machinepy.supervisor import Supervisor
+    from machinepy.supervise.supervisor import Supervisor
 
     if _needs_asyncio(spec):
         asyncio = _import_asyncio()
@@ -348,7 +302,7 @@ def _supervise(spec: ContainerSpec, **kw: Any) -> int:
 
         status: int = asyncio.run(main())
         return status
-    from machinepy.loop import MiniLoop
+    from machinepy.runtime.loop import MiniLoop
 
     loop = MiniLoop()
     status = loop.run(Supervisor(spec, loop=loop, **kw).run())
@@ -357,7 +311,8 @@ def _supervise(spec: ContainerSpec, **kw: Any) -> int:
 
 def _run_detached(spec: ContainerSpec) -> int:
     """Start the container under a background supervisor; print its name."""
-    from machinepy.attach import AttachError, base_dir, daemonize
+    from machinepy.cli.attach import daemonize
+    from machinepy.runtime.attachsock import AttachError, base_dir
 
     try:
         base_dir()  # a user without XDG_RUNTIME_DIR has nowhere to put the console socket
@@ -394,22 +349,6 @@ def _attach_alone(parser: Parser, args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in TOOL_VERBS:
-        import importlib
-
-        module, func = TOOL_VERBS[argv[0]]
-        tool_status: int = getattr(importlib.import_module(module), func)(argv[1:])
-        return tool_status
-    if argv in (["-h"], ["--help"]):  # every verb, not only run and boot
-        from machinepy.docgen import full_parser
-
-        full_parser().print_help()
-        return 0
-    if argv and argv[0] in CLIENT_VERBS:
-        _import_asyncio()
-        from machinepy.client import main as client_main
-
-        return client_main(argv)
     try:
         if argv and argv[0] not in ("run", "boot", "-h", "--help") and not argv[0].startswith(
             "--version"
@@ -432,7 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError("no command given (try 'machinepy run --help')")
         if args.verb == "run" and args.attach:
             _attach_alone(parser, args)
-            from machinepy.attach import attach
+            from machinepy.cli.attach import attach
 
             return attach(args.attach)
         spec = spec_from_args(args)
@@ -449,36 +388,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("machinepy: --private-users=pick must be run as root (it shifts the tree's "
               "owners)", file=sys.stderr)
         return 2
-    from machinepy.linux import set_process_name
+    from machinepy.core.linux import set_process_name
 
     set_process_name("machinepy")  # pflask's attach flow: `pidof machinepy`, then -a PID
     if not spec.detach:
         return _supervise(spec)
     # The daemon serves root only, and cannot forward READY=1 to our NOTIFY_SOCKET.
-    from machinepy.sd import system_bus_available
+    from machinepy.core.sd import system_bus_available
 
     if os.geteuid() == 0 and not spec.notify_ready and system_bus_available():
-        from machinepy.client import hand_off
+        from machinepy.cli.client import hand_off
 
         status = hand_off(args)
         if status is not None:
             return status
     return _run_detached(spec)
-
-
-def entry() -> NoReturn:
-    """The `machinepy` command: main(), then exit without tearing the interpreter down.
-
-    By then the container's resources are released (the supervisor's clean-up
-    stack has run); what is left is freeing module state, ~20 ms with asyncio
-    and dbus-fast loaded, which every one-shot run and every poweroff would pay.
-    """
-    status = main()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing more to say
-            stream.flush()
-    os._exit(status)
-
-
-if __name__ == "__main__":
-    entry()

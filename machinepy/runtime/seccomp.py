@@ -50,7 +50,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
-from machinepy.spec import SpecError
+from machinepy.core.spec import SpecError
 
 # Bump when the rules below change in a way the cache key cannot see.
 FILTER_VERSION = 1
@@ -120,7 +120,7 @@ class Filter(NamedTuple):
 
 
 def _groups() -> dict[str, tuple[str, ...]]:
-    from machinepy.syscall_groups import GROUPS
+    from machinepy.core.syscall_groups import GROUPS
 
     return GROUPS
 
@@ -368,7 +368,7 @@ def _library_path() -> str | None:
 def cache_dir() -> str | None:
     """Root's in /var/cache, a user's in $XDG_CACHE_HOME (~/.cache); None: do not
     cache.  Not under $XDG_RUNTIME_DIR/machinepy: that is the user's private
-    socket directory (machinepy.attach), which must be 0700."""
+    socket directory (machinepy.runtime.attachsock), which must be 0700."""
     if os.geteuid() == 0:
         return "/var/cache/machinepy/seccomp"
     cache = os.environ.get("XDG_CACHE_HOME") or (
@@ -383,9 +383,10 @@ def cache_key(items: Sequence[str], retained: Iterable[str], machine: str) -> st
         return None
     # The files that define the filter, too: an upgrade of machinepy or of
     # libseccomp must not meet programs built by the old one.
-    here = os.path.dirname(__file__)
     stamps = []
-    for path in (lib, __file__, os.path.join(here, "syscall_groups.py")):
+    # By path: importing the groups is what a cache hit saves.
+    groups = os.path.join(os.path.dirname(os.path.dirname(__file__)), "core", "syscall_groups.py")
+    for path in (lib, __file__, groups):
         st = os.stat(path)
         stamps.append(f"{st.st_size}:{st.st_mtime_ns}")
     keep = sorted(set(retained) & set(CAP_NAMES_USED))

@@ -31,7 +31,7 @@ import zlib
 from collections.abc import Iterator
 from typing import TextIO
 
-from machinepy import linux
+from machinepy.core import linux
 
 RANGE = 0x10000
 FIRST_BASE = 0x80000  # nspawn's pick range: 0x00080000 … 0x6FFF0000
@@ -145,7 +145,7 @@ def pick(root: str) -> tuple[int, RangeHold | None]:
     base = shifted_base(root)
     if base is not None:
         return base, None
-    from machinepy.attach import AttachError, locked_dir
+    from machinepy.runtime.attachsock import AttachError, locked_dir
 
     slots = (LAST_BASE - FIRST_BASE) // RANGE
     start = zlib.crc32(os.path.realpath(root).encode()) % slots

@@ -40,15 +40,15 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from machinepy.peer import start_time
-from machinepy.service import Console, Entry, Hooks, Service
-from machinepy.spec import ContainerSpec
-from machinepy.supervisor import PROPAGATE_OWNER_XATTR, SIG_HALT, STOP_TIMEOUT, Container
+from machinepy.core.peer import start_time
+from machinepy.core.spec import ContainerSpec
+from machinepy.service.manager import Console, Entry, Hooks, Service
+from machinepy.supervise.supervisor import PROPAGATE_OWNER_XATTR, SIG_HALT, STOP_TIMEOUT, Container
 
 if TYPE_CHECKING:
-    from machinepy.holder import Client as HolderClient
+    from machinepy.service.holder import Client as HolderClient
 
-log = logging.getLogger("machinepy.daemon")
+log = logging.getLogger("machinepy.service.daemon")
 
 STATE_DIR = "/run/machinepy"
 PROPAGATE_DIR = "/run/systemd/nspawn/propagate"
@@ -290,8 +290,8 @@ class Daemon:
     def _connect_holder(self) -> HolderClient | None:
         if not self.notify.address:
             return None  # not run by systemd: no fd store either
-        from machinepy.client import systemd_version
-        from machinepy.holder import UNIT, Client
+        from machinepy.core.sd import systemd_version
+        from machinepy.service.holder import UNIT, Client
 
         version = systemd_version()
         if version is None or version >= 254:
@@ -299,11 +299,11 @@ class Daemon:
         with contextlib.suppress(OSError):
             return Client()
         # -S: no site (4 MiB less RSS); so the path to this package, explicitly.
-        here = Path(__file__).resolve().parent.parent
+        here = Path(__file__).resolve().parents[2]
         r = subprocess.run(["systemd-run", "--quiet", "--collect", f"--unit={UNIT}",
                             "--description=machinepy console holder",
                             f"--setenv=PYTHONPATH={here}", "--",
-                            sys.executable, "-S", "-m", "machinepy.holder"],
+                            sys.executable, "-S", "-m", "machinepy.service.holder"],
                            capture_output=True, text=True)
         if r.returncode != 0:
             log.warning("no console holder: systemd-run: %s", r.stderr.strip())

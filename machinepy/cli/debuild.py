@@ -26,9 +26,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
-from machinepy import bootstrap as bs
-from machinepy.cli import Parser, UsageError
-from machinepy.spec import SpecError, quote
+from machinepy.cli import bootstrap as bs
+from machinepy.cli.args import Parser, UsageError
+from machinepy.core.spec import SpecError, quote
 
 CACHE_DIR = Path("/var/cache/machinepy/debuild")
 BUILD_USER = "builder"
@@ -190,7 +190,7 @@ def build(args: argparse.Namespace, root: Path, suite: str) -> int:
                                 f"make one with: machinepy debuild --create --suite {suite}")
     st, parent_st = src.stat(), src.parent.stat()
     uid, gid = (st.st_uid, st.st_gid) if st.st_uid != 0 else (1000, 1000)
-    from machinepy.sd import can_register
+    from machinepy.core.sd import can_register
 
     extra = list(args.buildpackage_args)
     if extra[:1] == ["--"]:

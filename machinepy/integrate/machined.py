@@ -9,17 +9,18 @@ Controller but stays outside it, so `machinectl terminate` reaches us as a
 RequestStop signal instead of killing the supervisor along with the container.
 
 dbus-fast is imported when a registration actually happens; whether to try
-at all is machinepy.sd's cheap question.
+at all is machinepy.core.sd's cheap question.
 """
 
 from __future__ import annotations
 
-import asyncio
+import asyncio  # noqa: TID253  (issue 11: the registered path goes without)
 import contextlib
 import signal
-import string
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
+
+from machinepy.core.sd import scope_name, unit_path
 
 if TYPE_CHECKING:
     import uuid
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
     from dbus_fast import Message
     from dbus_fast.aio import MessageBus
 
-    from machinepy.unitprops import UnitProperty
+    from machinepy.core.unitprops import UnitProperty
 
 SYSTEMD = ("org.freedesktop.systemd1", "/org/freedesktop/systemd1",
            "org.freedesktop.systemd1.Manager")
@@ -46,42 +47,6 @@ class RegistrationError(Exception):
 
 class RegistrationUnavailable(Exception):
     """No system bus, no systemd or no machined: run unregistered, with a warning."""
-
-
-# ---------------------------------------------------------------------------
-# Names, escaped the way systemd escapes them.
-
-_ALNUM = frozenset(string.ascii_letters + string.digits)
-
-
-def unit_name_escape(name: str) -> str:
-    """systemd's unit_name_escape(): '-' and other specials become \\xNN, '/' becomes '-'."""
-    out = []
-    for i, ch in enumerate(name):
-        if ch == "/":
-            out.append("-")
-        elif ch in _ALNUM or ch in ":_" or (ch == "." and i > 0):
-            out.append(ch)
-        else:
-            out.extend(f"\\x{b:02x}" for b in ch.encode())
-    return "".join(out)
-
-
-def scope_name(machine: str) -> str:
-    return f"machine-{unit_name_escape(machine)}.scope"
-
-
-def bus_label_escape(label: str) -> str:
-    """sd-bus's bus_label_escape(): how unit names become object path elements."""
-    if not label:
-        return "_"
-    return "".join(ch if ch in _ALNUM and not (i == 0 and ch.isdigit())
-                   else "".join(f"_{b:02x}" for b in ch.encode())
-                   for i, ch in enumerate(label))
-
-
-def unit_path(unit: str) -> str:
-    return f"/org/freedesktop/systemd1/unit/{bus_label_escape(unit)}"
 
 
 # ---------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from machinepy.spec import SpecError
+from machinepy.core.spec import SpecError
 
 CAP_NAMES: tuple[str, ...] = (
     "chown", "dac_override", "dac_read_search", "fowner", "fsetid", "kill", "setgid",

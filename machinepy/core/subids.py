@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-from machinepy.spec import IdMap
+from machinepy.core.spec import IdMap
 
 
 def subordinate_range(db: str, name: str, ident: int) -> tuple[int, int] | None:

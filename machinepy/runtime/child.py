@@ -27,8 +27,15 @@ import termios
 from collections.abc import Callable, Sequence
 from typing import NamedTuple, NoReturn
 
-from machinepy import linux
-from machinepy.mounts import O_PATH, MountOp, mounts_root, open_in_root, preopen, propagation_ops
+from machinepy.core import linux
+from machinepy.runtime.mounts import (
+    O_PATH,
+    MountOp,
+    mounts_root,
+    open_in_root,
+    preopen,
+    propagation_ops,
+)
 
 SIOCGIFFLAGS = 0x8913
 SIOCSIFFLAGS = 0x8914

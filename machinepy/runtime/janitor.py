@@ -12,7 +12,7 @@ that cleaned up itself ends with a DONE line, and the janitor then just exits.
 While it waits, the janitor is a shell reading the pipe (~1 ms to start, on
 the start-up path of every container with a cgroup of its own); only after a
 supervisor died without DONE does it exec an interpreter for the jobs (this
-module, machinepy.cgroup and, for a console socket, machinepy.attach).  It is
+module, machinepy.runtime.cgroup and, for a console socket, machinepy.runtime.attachsock).  It is
 spawned (posix_spawn: no fork of our heap, no copy of our command line for
 `pidof` to find) in a session of its own, out of reach of the terminal's ^C,
 and nothing waits for it.
@@ -25,13 +25,13 @@ import os
 import signal
 import sys
 
-from machinepy import cgroup
+from machinepy.runtime import cgroup
 
 # Kinds of job, one line each on the pipe: "KIND PATH\n"
 UNLINK = "unlink"
 RMDIR = "rmdir"
-CGROUP = "cgroup"  # cgroup.kill, then rmdir (see machinepy.cgroup.remove)
-ATTACH = "attach"  # a console socket and its keys (see machinepy.attach.forget)
+CGROUP = "cgroup"  # cgroup.kill, then rmdir (see machinepy.runtime.cgroup.remove)
+ATTACH = "attach"  # a console socket and its keys (see machinepy.runtime.attachsock.forget)
 DONE = "DONE"  # the last line of a supervisor that cleaned up itself
 
 # The waiting shell: all the jobs, then — unless they end with DONE — the
@@ -47,8 +47,9 @@ class Janitor:
 
     def start(self) -> None:
         r, w = os.pipe2(os.O_CLOEXEC)
-        top = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        code = f"import sys; sys.path.insert(0, {top!r}); import machinepy.janitor as j; j.serve()"
+        top = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        code = (f"import sys; sys.path.insert(0, {top!r}); "
+                "import machinepy.runtime.janitor as j; j.serve()")
         try:
             null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
             try:
@@ -111,6 +112,6 @@ def serve() -> None:
             elif kind == CGROUP:
                 cgroup.remove(path)
             elif kind == ATTACH:
-                from machinepy import attach
+                from machinepy.runtime import attachsock
 
-                attach.forget(path)
+                attachsock.forget(path)

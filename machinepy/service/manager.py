@@ -29,84 +29,32 @@ from dbus_fast import ArgDirection, Message, MessageFlag, MessageType, PropertyA
 from dbus_fast import introspection as intr
 from dbus_fast.aio import MessageBus
 
-from machinepy.machined import bus_label_escape
-from machinepy.spec import OWNERSHIPS, SpecError, check_machine_name, one_line, quote, validate
-from machinepy.supervisor import STOP_TIMEOUT, Container, Supervisor, with_machine_id
+from machinepy.core.spec import OWNERSHIPS, SpecError, check_machine_name, one_line, quote, validate
+from machinepy.service.api import (
+    BUS_NAME,
+    CONTAINER_IFACE,
+    CONTAINER_METHODS,
+    CONTAINER_PROPERTIES,
+    CONTAINERS_PATH,
+    DBUS,
+    INTROSPECTABLE,
+    MANAGER_IFACE,
+    MANAGER_METHODS,
+    MANAGER_PATH,
+    MANAGER_PROPERTIES,
+    MANAGER_SIGNALS,
+    METHODS,
+    PROPERTIES,
+    VERSION,
+    Method,
+    ServiceError,
+    container_path,
+)
+from machinepy.supervise.supervisor import STOP_TIMEOUT, Container, Supervisor, with_machine_id
 
-log = logging.getLogger("machinepy.service")
+log = logging.getLogger("machinepy.service.manager")
 
-BUS_NAME = "io.machinepy1"
-MANAGER_PATH = "/io/machinepy1"
-CONTAINERS_PATH = "/io/machinepy1/container"
-MANAGER_IFACE = "io.machinepy1.Manager"
-CONTAINER_IFACE = "io.machinepy1.Container"
-ERROR = "io.machinepy1.Error."
-DBUS = "org.freedesktop.DBus"
-PROPERTIES = "org.freedesktop.DBus.Properties"
-INTROSPECTABLE = "org.freedesktop.DBus.Introspectable"
-VERSION = "1"
 UID_TIMEOUT = 25.0  # GetConnectionUnixUser; sd-bus's default method timeout
-
-
-class ServiceError(Exception):
-    """Becomes a D-Bus error reply: NAME and a one-line message."""
-
-    def __init__(self, name: str, message: str) -> None:
-        super().__init__(message)
-        self.name = name if "." in name else ERROR + name
-
-
-def container_path(name: str) -> str:
-    return f"{CONTAINERS_PATH}/{bus_label_escape(name)}"
-
-
-# ---------------------------------------------------------------------------
-# The API, declared once: dispatch, signature checks and introspection use it.
-
-
-class Method(NamedTuple):
-    name: str
-    args: tuple[tuple[str, str], ...]  # (name, signature)
-    returns: tuple[tuple[str, str], ...]
-    privileged: bool  # creates, changes or attaches: root only
-
-
-def _m(name: str, args: str, returns: str, privileged: bool) -> Method:
-    def pairs(text: str) -> tuple[tuple[str, str], ...]:
-        return tuple(tuple(p.split(":", 1)) for p in text.split()) if text else ()  # type: ignore[misc]
-
-    return Method(name, pairs(args), pairs(returns), privileged)
-
-
-MANAGER_METHODS = (
-    _m("CreateContainer", "name:s root_directory:s command:as options:a{sv}", "path:o", True),
-    _m("ListContainers", "", "containers:a(ssuo)", False),
-    _m("GetContainer", "name:s", "path:o", False),
-    _m("PoweroffContainer", "name:s", "", True),
-    _m("RebootContainer", "name:s", "", True),
-    _m("TerminateContainer", "name:s", "", True),
-    _m("KillContainer", "name:s whom:s signal:i", "", True),
-    _m("OpenConsole", "name:s", "pty:h", True),
-)
-CONTAINER_METHODS = (
-    _m("Poweroff", "", "", True),
-    _m("Reboot", "", "", True),
-    _m("Terminate", "", "", True),
-    _m("Kill", "whom:s signal:i", "", True),
-    _m("OpenConsole", "", "pty:h", True),
-)
-MANAGER_SIGNALS = (
-    ("ContainerNew", (("name", "s"), ("path", "o"))),
-    ("ContainerRemoved", (("name", "s"), ("path", "o"), ("exit_status", "i"))),
-)
-MANAGER_PROPERTIES = (("Version", "s"), ("Containers", "u"))
-CONTAINER_PROPERTIES = (
-    ("Name", "s"), ("Id", "ay"), ("State", "s"), ("Leader", "u"), ("RootDirectory", "s"),
-    ("Command", "as"), ("Boot", "b"), ("Unit", "s"), ("MachineRegistered", "b"),
-    ("Since", "t"), ("ExitStatus", "i"), ("NetworkInterfaces", "ai"),
-)
-METHODS = {MANAGER_IFACE: {m.name: m for m in MANAGER_METHODS},
-           CONTAINER_IFACE: {m.name: m for m in CONTAINER_METHODS}}
 
 
 def _signature(pairs: Sequence[tuple[str, str]]) -> str:
@@ -180,7 +128,7 @@ def _escape_item(text: str) -> str:
 def spec_from_options(name: str, root_directory: str, command: Sequence[str],
                       options: dict[str, Variant]) -> Any:
     """The same ContainerSpec the CLI would make; SpecError on any bad input."""
-    from machinepy.cli import build_parser, spec_from_args
+    from machinepy.cli.run import build_parser, spec_from_args
 
     values: dict[str, Any] = {}
     for key, variant in options.items():

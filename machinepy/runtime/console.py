@@ -18,7 +18,7 @@ import tty
 from collections.abc import Callable
 from typing import Any
 
-from machinepy.loop import LoopLike
+from machinepy.runtime.loop import LoopLike
 
 ESCAPE = 0x1D  # ^]
 ESCAPE_COUNT = 3

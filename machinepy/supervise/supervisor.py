@@ -5,7 +5,7 @@ It owns every host-side resource of the container and an exit stack that
 releases them on every path: normal exit, setup error, signals, and the leader
 dying under it (SIGKILL, `machinectl terminate`).  The leader is watched with a
 pidfd, so an idle container costs no wake-ups.  It runs on an asyncio loop,
-or on machinepy.loop.MiniLoop when no D-Bus or netlink is involved.
+or on machinepy.runtime.loop.MiniLoop when no D-Bus or netlink is involved.
 """
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
-from machinepy import console as consolemod
-from machinepy import notify as notifymod
-from machinepy.loop import LoopLike
-from machinepy.spawn import Spawned, SpawnError, child_config, spawn, write_id_maps
-from machinepy.spec import ContainerSpec
+from machinepy.core import notify as notifymod
+from machinepy.core.spec import ContainerSpec
+from machinepy.runtime import console as consolemod
+from machinepy.runtime.loop import LoopLike
+from machinepy.runtime.spawn import Spawned, SpawnError, child_config, spawn, write_id_maps
 
 if TYPE_CHECKING:
-    from machinepy.attach import AttachServer
+    from machinepy.runtime.attachsock import AttachServer
 
 PROPAGATE_DIR = "/run/systemd/nspawn/propagate"
 STOP_TIMEOUT = 30.0  # seconds between an orderly poweroff request and SIGKILL
@@ -52,7 +52,7 @@ def warn(msg: str) -> None:
 
 def _process_key(pid: int) -> bytes:
     """pid plus start time: survives pid reuse."""
-    from machinepy.peer import start_time  # not at the top: it imports socket
+    from machinepy.core.peer import start_time  # not at the top: it imports socket
 
     return b"%d %d" % (pid, start_time(pid))
 
@@ -153,9 +153,9 @@ class Supervisor:
         self.is_ready = False
         self._ready_waiters: list[Any] = []
         self.ifindices: list[int] = []
-        # Cleans what a SIGKILL would leave (see machinepy.janitor); forked on
+        # Cleans what a SIGKILL would leave (see machinepy.runtime.janitor); forked on
         # first use, so most runs have none.
-        from machinepy.janitor import Janitor
+        from machinepy.runtime.janitor import Janitor
 
         self.janitor = Janitor()
 
@@ -209,8 +209,8 @@ class Supervisor:
     async def _run_held(self) -> int:
         with contextlib.ExitStack() as hold:
             if self.spec.private_users and not self.spec.user_maps:
-                from machinepy.spec import IdMap
-                from machinepy.userns import RANGE, UsernsError, private_root
+                from machinepy.core.spec import IdMap
+                from machinepy.runtime.userns import RANGE, UsernsError, private_root
 
                 assert self.spec.root is not None
                 try:
@@ -249,7 +249,7 @@ class Supervisor:
             notify = self._notify_socket(stack) if self.spec.boot else None
             root_tree = None
             if self.idmap_userns is not None:
-                from machinepy.userns import idmapped_tree
+                from machinepy.runtime.userns import idmapped_tree
 
                 assert self.spec.root is not None
                 try:
@@ -327,11 +327,11 @@ class Supervisor:
             stack.callback(self.on_console(master))
             return
         if self.console == "detached":
-            from machinepy.attach import AttachError, AttachServer
+            from machinepy.runtime.attachsock import AttachError, AttachServer
 
             stack.callback(self._stop_console)
             keys = [self.container.name, str(self.container.leader), str(os.getpid())]
-            from machinepy import janitor
+            from machinepy.runtime import janitor
 
             try:
                 self.attach_server = AttachServer(
@@ -441,7 +441,7 @@ class Supervisor:
     async def _setup_network(self, stack: contextlib.AsyncExitStack) -> None:
         if not self.spec.netifs and not self.spec.addresses and not self.spec.routes:
             return
-        from machinepy import network
+        from machinepy.integrate import network
 
         assert self.child is not None
         try:
@@ -455,12 +455,12 @@ class Supervisor:
         """Scope + machined registration; returns the propagation dir for `machinectl bind`."""
         if not self.spec.register:
             return None
-        from machinepy import sd
+        from machinepy.core import sd
 
         if not sd.can_register():
             warn("no systemd system bus; not registering with systemd-machined")
             return None
-        from machinepy import machined
+        from machinepy.integrate import machined
 
         c = self.container
         if self.spec.machine_id is None:
@@ -517,17 +517,17 @@ class Supervisor:
         if payload is not None and self.die_with_supervisor:
             # After PID 1 goes on, off its path; the daemon's containers outlive
             # it, and so must their cgroups.
-            from machinepy import janitor
+            from machinepy.runtime import janitor
 
             self.janitor.add(janitor.CGROUP, payload)
 
     def _own_cgroup(self, stack: contextlib.AsyncExitStack) -> str | None:
         """Registered: hand the scope to a user-namespaced root.  Unregistered:
         a cgroup of the container's own below ours, which its cgroup namespace
-        (unshared after "go") is then rooted at (see machinepy.cgroup)."""
+        (unshared after "go") is then rooted at (see machinepy.runtime.cgroup)."""
         if "cgroup" not in self.spec.namespaces:
             return None
-        from machinepy import cgroup
+        from machinepy.runtime import cgroup
 
         c = self.container
         try:

@@ -24,11 +24,13 @@ from typing import Any
 from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
-from machinepy.cli import Parser, UsageError, _container_options
-from machinepy.service import BUS_NAME, CONTAINER_IFACE, MANAGER_IFACE, MANAGER_PATH
-from machinepy.spec import SpecError, parse_setenv
+from machinepy.cli.args import Parser, UsageError
+from machinepy.cli.run import _container_options
+from machinepy.core import sd
+from machinepy.core.spec import SpecError, parse_setenv
+from machinepy.service.api import BUS_NAME, CONTAINER_IFACE, MANAGER_IFACE, MANAGER_PATH
 
-UNITS_DIR = Path(__file__).resolve().parent.parent / "units"
+UNITS_DIR = Path(__file__).resolve().parents[2] / "units"
 # Where each file of units/ goes (under --root).
 INSTALL = {
     "machinepy.service": "etc/systemd/system",
@@ -327,7 +329,7 @@ async def lifecycle(client: Client, verb: str, argv: list[str]) -> int:
 
 
 async def attach(client: Client, argv: list[str]) -> int:
-    from machinepy import console as consolemod
+    from machinepy.runtime import console as consolemod
 
     args = verb_parser("attach").parse_args(argv)
     await client.call("/org/freedesktop/DBus", "org.freedesktop.DBus", "AddMatch", "s",
@@ -372,14 +374,6 @@ async def attach(client: Client, argv: list[str]) -> int:
 SINCE = {"FileDescriptorStorePreserve=": 254}
 
 
-def systemd_version() -> int | None:
-    try:
-        r = subprocess.run(["systemctl", "--version"], capture_output=True, text=True)
-        return int(r.stdout.split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def for_systemd(text: str, version: int | None) -> str:
     """Drop the settings this systemd predates (unknown: keep them all)."""
     if version is None:
@@ -408,7 +402,7 @@ def install_units(argv: list[str]) -> int:
     # A source checkout (not site-packages): the units must run this very tree,
     # not whatever `import machinepy` finds from / (an editable install of
     # another checkout, say).
-    here = Path(__file__).resolve().parent.parent
+    here = Path(__file__).resolve().parents[2]
     env_line = "" if here.name in ("site-packages", "dist-packages") else \
         f"Environment=PYTHONPATH={here}"
     for name, where in INSTALL.items():
@@ -417,7 +411,7 @@ def install_units(argv: list[str]) -> int:
         text = text.replace("ExecStart=machinepy ", f"ExecStart={exec_start} ")
         if "ExecStart=" in text and env_line:
             text = text.replace("\nExecStart=", f"\n{env_line}\nExecStart=", 1)
-        text = for_systemd(text, systemd_version())
+        text = for_systemd(text, sd.systemd_version())
         dest = Path(args.root) / where / name
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{name}.tmp")
@@ -463,10 +457,6 @@ async def _run(verb: str, argv: list[str]) -> int:
 
 def main(argv: Sequence[str]) -> int:
     verb, rest = argv[0], list(argv[1:])
-    if verb == "daemon":
-        from machinepy.daemon import main as daemon_main
-
-        return daemon_main(rest)
     try:
         if verb == "install-units":
             return install_units(rest)

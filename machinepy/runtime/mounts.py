@@ -15,8 +15,8 @@ import stat
 from collections.abc import Sequence
 from typing import Literal, NamedTuple, Protocol
 
-from machinepy import linux
-from machinepy.linux import (
+from machinepy.core import linux
+from machinepy.core.linux import (
     MS_NODEV,
     MS_NOEXEC,
     MS_NOSUID,
@@ -24,7 +24,7 @@ from machinepy.linux import (
     MS_SLAVE,
     MS_STRICTATIME,
 )
-from machinepy.spec import ContainerSpec, MountSpec
+from machinepy.core.spec import ContainerSpec, MountSpec
 
 Create = Literal["dir", "file"] | None
 
@@ -476,12 +476,12 @@ def host_root_ops(spec: ContainerSpec) -> list[MountOp]:
 
 
 def own_runtime_dirs() -> tuple[str, ...]:
-    """Where machinepy keeps its sockets and locks (machinepy.attach.base_dir): a
+    """Where machinepy keeps its sockets and locks (machinepy.runtime.attachsock.base_dir): a
     container on the host's root must not reach them, with or without a pid namespace."""
     runtime = os.environ.get("XDG_RUNTIME_DIR", "")
     if os.geteuid() != 0 and runtime.startswith("/"):
         return ("/run/machinepy", f"{runtime}/machinepy")
-    # And the daemon's console holder (machinepy.holder), which holds them all.
+    # And the daemon's console holder (machinepy.service.holder), which holds them all.
     return ("/run/machinepy", "/run/machinepy-holder")
 
 

@@ -19,7 +19,7 @@ SCM_RIGHTS and relays it; while a client is attached the supervisor stops
 draining the console, and resumes when the client hangs up (^]^]^]).
 
 Clean-up: the supervisor removes its entries on every path it lives through;
-for SIGKILL, its janitor (machinepy.janitor) does; and every start sweeps the
+for SIGKILL, its janitor (machinepy.runtime.janitor) does; and every start sweeps the
 entries of dead supervisors.  Changes to the directory happen under flock(2)
 on it.
 """
@@ -27,25 +27,20 @@ on it.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import os
 import re
-import signal
 import socket
 import stat
-import sys
 from collections.abc import Callable, Iterator
-from typing import Any
 
-from machinepy import console as consolemod
-from machinepy.loop import LoopLike, MiniLoop
-from machinepy.peer import alive, check_peer, process_key
+from machinepy.core.peer import alive, check_peer, process_key
+from machinepy.runtime.loop import LoopLike
 
 GREETING = b"machinepy-console\n"
 ROOT_DIR = "/run/machinepy"
-_KEY_RE = re.compile(r"[0-9]+|[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
-_TARGET_RE = re.compile(r"@([0-9]+)\.([0-9]+)")
+KEY_RE = re.compile(r"[0-9]+|[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
+TARGET_RE = re.compile(r"@([0-9]+)\.([0-9]+)")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -144,7 +139,7 @@ def _owner_of(dir_fd: int, name: str) -> tuple[int, int] | None:
             target = os.readlink(name, dir_fd=dir_fd)
         except OSError:
             return None
-    m = _TARGET_RE.fullmatch(target)
+    m = TARGET_RE.fullmatch(target)
     return (int(m[1]), int(m[2])) if m else None
 
 
@@ -171,7 +166,7 @@ def _forget(dir_fd: int, target: str) -> None:
 
 
 def forget(sock_path: str) -> None:
-    """The janitor's job (machinepy.janitor ATTACH) after a supervisor is gone:
+    """The janitor's job (machinepy.runtime.janitor ATTACH) after a supervisor is gone:
     its socket at SOCK_PATH and its keys, and only those (a key may meanwhile
     name another supervisor); then the directory if that left it empty."""
     path, target = os.path.split(sock_path)
@@ -181,7 +176,7 @@ def forget(sock_path: str) -> None:
         return  # the supervisor got there first
     try:
         st = os.fstat(fd)
-        if st.st_uid != os.geteuid() or st.st_mode & 0o077 or not _TARGET_RE.fullmatch(target):
+        if st.st_uid != os.geteuid() or st.st_mode & 0o077 or not TARGET_RE.fullmatch(target):
             return
         fcntl.flock(fd, fcntl.LOCK_EX)
         _forget(fd, target)
@@ -299,176 +294,3 @@ class AttachServer:
             self.client = None
 
 
-# -- the client -------------------------------------------------------------------------
-
-def connect(key: str) -> socket.socket:
-    """A connection to the supervisor serving KEY, checked before any byte moves.
-
-    FileNotFoundError when nobody serves KEY; AttachError when the server is
-    not the supervisor its record names."""
-    if not _KEY_RE.fullmatch(key) or len(key) > 64:
-        raise AttachError(f"invalid name '{key}': a machine name, a leader pid or a "
-                          f"supervisor pid")
-    fd, path = open_private_dir("attach", create=False)
-    try:
-        target = os.readlink(key, dir_fd=fd)
-        m = _TARGET_RE.fullmatch(target)
-        if m is None:
-            raise AttachError(f"{path}/{key}: not a record of ours")
-        st = os.stat(target, dir_fd=fd, follow_symlinks=False)
-        if not stat.S_ISSOCK(st.st_mode):
-            raise AttachError(f"{path}/{target}: not a socket")
-        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            try:
-                conn.connect(f"/proc/self/fd/{fd}/{target}")
-            except ConnectionRefusedError:
-                raise FileNotFoundError(errno.ENOENT, "its supervisor is gone") from None
-            why = check_peer(conn, (int(m[1]), int(m[2])))
-            if why is not None:
-                raise AttachError(f"refusing to attach to '{key}': {why}")
-        except BaseException:
-            conn.close()
-            raise
-        return conn
-    finally:
-        os.close(fd)
-
-
-async def _relay(loop: MiniLoop, master: int, conn: socket.socket) -> None:
-    done = loop.create_future()
-
-    def finish() -> None:
-        done.set_result(None)
-
-    def check_closed() -> None:
-        if relay.out.closed:
-            finish()
-        elif not done.done():
-            loop.call_later(0.2, check_closed)
-
-    relay = consolemod.Relay(loop, master, finish, interactive=os.isatty(0))
-    relay.start()
-    # The supervisor closes our connection when the container is gone.
-    loop.add_reader(conn.fileno(), finish)
-    loop.add_signal_handler(signal.SIGWINCH, relay.resize)
-    check_closed()
-    try:
-        await done
-    finally:
-        loop.remove_signal_handler(signal.SIGWINCH)
-        loop.remove_reader(conn.fileno())
-        relay.stop()
-
-
-def attach(key: str) -> int:
-    """`machinepy run --attach NAME|PID`: relay the console until ^]^]^]."""
-    try:
-        conn = connect(key)
-        try:
-            msg, fds, _, _ = socket.recv_fds(conn, len(GREETING), 1)
-        except BaseException:
-            conn.close()
-            raise
-    except AttachError as e:
-        print(f"machinepy: {e}", file=sys.stderr)
-        return 2 if str(e).startswith("invalid name") else 1
-    except OSError as e:
-        name = _service_name(key)
-        if name is not None:
-            # Not a `run --detach` supervisor's: a container of the D-Bus service.
-            from machinepy import client
-
-            return client.main(["attach", name])
-        why = "no such detached container" if isinstance(e, FileNotFoundError) else e.strerror
-        print(f"machinepy: cannot attach to '{key}': {why or e}", file=sys.stderr)
-        return 1
-    if msg != GREETING or not fds:
-        for fd in fds:
-            os.close(fd)
-        conn.close()
-        print(f"machinepy: cannot attach to '{key}': console busy or access denied",
-              file=sys.stderr)
-        return 1
-    master = fds[0]
-    print(f"Attached to {key}. Press ^] three times within 1s to detach.", file=sys.stderr)
-    try:
-        loop = MiniLoop()
-        loop.run(_relay(loop, master, conn))
-    finally:
-        os.close(master)
-        conn.close()
-    print(f"\nDetached from {key}.", file=sys.stderr)
-    return 0
-
-
-def _busctl(*args: str) -> Any:
-    """`busctl --json=short` on the system bus, without activating anything; None on
-    any trouble."""
-    from machinepy.sd import system_bus_available
-
-    if not system_bus_available():
-        return None
-    import json
-    import subprocess
-
-    try:
-        r = subprocess.run(["busctl", "--system", "--auto-start=no", "--json=short", *args],
-                           capture_output=True, timeout=10, text=True)
-        return json.loads(r.stdout) if r.returncode == 0 else None
-    except (OSError, subprocess.TimeoutExpired, ValueError):
-        return None
-
-
-def _service_name(key: str) -> str | None:
-    """The io.machinepy1 container KEY names: by name, by its leader's pid, or by
-    the daemon's pid when it has that one container; None when there is none."""
-    manager = ("io.machinepy1", "/io/machinepy1", "io.machinepy1.Manager")
-    if not key.isdigit():
-        return key if _busctl("call", *manager, "GetContainer", "s", key) else None
-    listed = _busctl("call", *manager, "ListContainers")
-    if not listed:
-        return None
-    rows = listed["data"][0]  # a(ssuo): name, state, leader, path
-    for name, _state, leader, _path in rows:
-        if leader == int(key):
-            return str(name)
-    daemon = _busctl("call", "org.freedesktop.DBus", "/org/freedesktop/DBus",
-                     "org.freedesktop.DBus", "GetConnectionUnixProcessID", "s",
-                     "io.machinepy1")
-    if daemon and daemon["data"][0] == int(key) and len(rows) == 1:
-        return str(rows[0][0])
-    return None
-
-
-def daemonize() -> tuple[int, int] | None:
-    """Fork into the background.  Returns (None) in the original process after
-    the daemon reported, or (report_fd, 0) in the daemon.  Must run before any
-    event loop exists."""
-    r, w = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
-    if pid:
-        os.close(w)
-        os.waitpid(pid, 0)  # the intermediate child exits at once
-        report = b""
-        while chunk := os.read(r, 4096):
-            report += chunk
-        os.close(r)
-        text = report.decode(errors="replace").strip()
-        if text.startswith("OK "):
-            print(text[3:])
-            sys.exit(0)
-        print(f"machinepy: {text.removeprefix('ERR ') or 'detached supervisor died'}",
-              file=sys.stderr)
-        sys.exit(1)
-    os.close(r)
-    os.setsid()
-    if os.fork():
-        os._exit(0)
-    null = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(null, fd)
-    os.close(null)
-    with contextlib.suppress(OSError):
-        os.chdir("/")
-    return w, 0

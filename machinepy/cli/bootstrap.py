@@ -29,9 +29,10 @@ from pathlib import Path
 from types import FrameType
 from typing import TextIO
 
-from machinepy import cli
-from machinepy.cli import Parser, UsageError, machine_path
-from machinepy.spec import SpecError, check_hostname, quote
+from machinepy.cli import run as cli
+from machinepy.cli.args import Parser, UsageError
+from machinepy.cli.run import machine_path
+from machinepy.core.spec import SpecError, check_hostname, quote
 
 MACHINES_DIR = Path(cli.MACHINES_DIR)
 # What a tree needs to boot under machinepy and answer `machinectl login`.

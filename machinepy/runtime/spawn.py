@@ -9,10 +9,11 @@ import signal
 import sys
 from collections.abc import Mapping, Sequence
 
-from machinepy import linux, mounts
-from machinepy.caps import bounding_drop, retained
-from machinepy.child import NOTIFY_SOCKET, ChildConfig, setup_child
-from machinepy.spec import ContainerSpec, IdMap, Passwd, lookup_user, supplementary_groups
+from machinepy.core import linux
+from machinepy.core.caps import bounding_drop, retained
+from machinepy.core.spec import ContainerSpec, IdMap, Passwd, lookup_user, supplementary_groups
+from machinepy.runtime import mounts
+from machinepy.runtime.child import NOTIFY_SOCKET, ChildConfig, setup_child
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -62,7 +63,7 @@ def child_config(spec: ContainerSpec, *, console: int | None = None,
         env["NOTIFY_SOCKET"] = NOTIFY_SOCKET
     user = spec.user is not None and pw is not None
     private_network = "net" in spec.namespaces
-    from machinepy import seccomp  # the compiled filter comes from its cache, mostly
+    from machinepy.runtime import seccomp  # the compiled filter comes from its cache
 
     try:
         programs = seccomp.programs_for(spec.system_call_filter,

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     import ipaddress
     import uuid
 
-    from machinepy.unitprops import UnitProperty
+    from machinepy.core.unitprops import UnitProperty
 
 
 class SpecError(ValueError):
@@ -480,7 +480,7 @@ def validate(spec: ContainerSpec) -> ContainerSpec:
         raise SpecError("a user namespace needs at least one --user-map")
     check_user_maps(spec.user_maps)
     if spec.landlock_scope:
-        from machinepy import linux
+        from machinepy.core import linux
 
         if linux.landlock_abi() < linux.LANDLOCK_SCOPE_ABI:
             raise SpecError("--landlock-scope needs Landlock ABI 6 (Linux 6.12, with landlock "

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: BSD-2-Clause
-"""`python3 -m machinepy.holder`: keeps the daemon's console fds across its stop.
+"""`python3 -m machinepy.service.holder`: keeps the daemon's console fds across its stop.
 
 systemd < 254 empties a service's fd store when it stops (254 brought
 FileDescriptorStorePreserve=).  A container's console then loses its last
@@ -18,7 +18,7 @@ Standard library only, no other machinepy import: it starts fast and small.
 Protocol, SOCK_SEQPACKET on SOCKET: "PUT name" with one fd, "DEL name",
 "GET" (answered by one "FD name" with its fd per console, then "END").  Whoever
 may GET holds every container's console, so both ends trust only root outside
-every container (machinepy.peer): a host-root container's root has the host's
+every container (machinepy.core.peer): a host-root container's root has the host's
 /run, but not SOCKET's directory (masked in it) nor our pid namespace.
 """
 
@@ -31,7 +31,7 @@ import socket
 import struct
 import sys
 
-from machinepy.peer import check_peer
+from machinepy.core.peer import check_peer
 
 # Not in /run/machinepy, which holds only live containers' state (and goes
 # when they do); masked in host-root containers all the same (mounts.py).

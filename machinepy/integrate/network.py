@@ -35,8 +35,8 @@ import zlib
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
-from machinepy import linux
-from machinepy.spec import ContainerSpec, NetifSpec
+from machinepy.core import linux
+from machinepy.core.spec import ContainerSpec, NetifSpec
 
 IFNAMSIZ = 16  # with the trailing NUL
 NETLINK_ROUTE = 0

@@ -1,0 +1,49 @@
+# SPDX-License-Identifier: BSD-2-Clause
+"""argparse as every verb uses it: errors as one line (exit 2), sized without shutil."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, NoReturn
+
+from machinepy.core.spec import quote
+
+
+class UsageError(Exception):
+    pass
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's, sized without shutil: argparse makes one for every option
+    it adds, and its own sizing imports shutil (and bz2, lzma, …) for that."""
+
+    def __init__(self, prog: str) -> None:
+        try:
+            columns = int(os.environ["COLUMNS"])
+        except (KeyError, ValueError):
+            try:
+                columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+            except (AttributeError, ValueError, OSError):
+                columns = 80
+        super().__init__(prog, width=columns - 2)
+
+
+class Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        # One line naming the problem, exit 2 (not argparse's usage dump).
+        raise UsageError(message)
+
+
+def _bool(value: str) -> bool:
+    low = value.lower()
+    if low in ("yes", "true", "1", "on"):
+        return True
+    if low in ("no", "false", "0", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected yes or no, got {quote(value)}")
