@@ -38,7 +38,7 @@ WITH_VERB = frozenset(v for v, (m, _) in VERBS.items() if m == "machinepy.cli.cl
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in VERBS:
-        if argv[0] in WITH_VERB:
+        if argv[0] == "daemon":  # the service's loop; the client verbs need none
             from machinepy.cli.run import _import_asyncio
 
             _import_asyncio()
@@ -61,7 +61,7 @@ def entry() -> NoReturn:
 
     By then the container's resources are released (the supervisor's clean-up
     stack has run); what is left is freeing module state, ~20 ms with asyncio
-    and dbus-fast loaded, which every one-shot run and every poweroff would pay.
+    and a D-Bus library loaded, which every one-shot run and every poweroff would pay.
     """
     status = main()
     for stream in (sys.stdout, sys.stderr):

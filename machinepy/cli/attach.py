@@ -127,43 +127,44 @@ def attach(key: str) -> int:
     return 0
 
 
-def _busctl(*args: str) -> Any:
-    """`busctl --json=short` on the system bus, without activating anything; None on
-    any trouble."""
+def _service_name(key: str) -> str | None:
+    """The io.machinepy1 container KEY names: by name, by its leader's pid, or by
+    the daemon's pid when it has that one container; None when there is none.
+
+    Asked without activating anything: no service, no answer."""
     from machinepy.core.sd import system_bus_available
 
     if not system_bus_available():
         return None
-    import json
-    import subprocess
+    from machinepy.integrate.dbus import DBUS_NAME, DBUS_PATH, BusError, Connection, method_call
 
-    try:
-        r = subprocess.run(["busctl", "--system", "--auto-start=no", "--json=short", *args],
-                           capture_output=True, timeout=10, text=True)
-        return json.loads(r.stdout) if r.returncode == 0 else None
-    except (OSError, subprocess.TimeoutExpired, ValueError):
-        return None
-
-
-def _service_name(key: str) -> str | None:
-    """The io.machinepy1 container KEY names: by name, by its leader's pid, or by
-    the daemon's pid when it has that one container; None when there is none."""
     manager = ("io.machinepy1", "/io/machinepy1", "io.machinepy1.Manager")
-    if not key.isdigit():
-        return key if _busctl("call", *manager, "GetContainer", "s", key) else None
-    listed = _busctl("call", *manager, "ListContainers")
-    if not listed:
+    try:
+        conn = Connection.open(timeout=10)
+    except BusError:
         return None
-    rows = listed["data"][0]  # a(ssuo): name, state, leader, path
-    for name, _state, leader, _path in rows:
-        if leader == int(key):
-            return str(name)
-    daemon = _busctl("call", "org.freedesktop.DBus", "/org/freedesktop/DBus",
-                     "org.freedesktop.DBus", "GetConnectionUnixProcessID", "s",
-                     "io.machinepy1")
-    if daemon and daemon["data"][0] == int(key) and len(rows) == 1:
-        return str(rows[0][0])
-    return None
+    try:
+        def call(dest: str, path: str, iface: str, member: str, sig: str = "",
+                 *body: object) -> tuple[Any, ...]:
+            return conn.call_blocking(method_call(dest, path, iface, member, sig, body,
+                                                  auto_start=False), timeout=10).body
+
+        if not key.isdigit():
+            call(*manager, "GetContainer", "s", key)
+            return key
+        (rows,) = call(*manager, "ListContainers")  # a(ssuo): name, state, leader, path
+        for name, _state, leader, _path in rows:
+            if leader == int(key):
+                return str(name)
+        (daemon,) = call(DBUS_NAME, DBUS_PATH, DBUS_NAME, "GetConnectionUnixProcessID", "s",
+                         "io.machinepy1")
+        if daemon == int(key) and len(rows) == 1:
+            return str(rows[0][0])
+        return None
+    except BusError:
+        return None
+    finally:
+        conn.close()
 
 
 def daemonize() -> tuple[int, int] | None:

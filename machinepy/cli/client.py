@@ -9,7 +9,6 @@ daemon when it is installed (units/).  Output follows machinectl's.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import os
@@ -21,13 +20,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dbus_fast import Message, MessageType, Variant
-from dbus_fast.aio import MessageBus
-
 from machinepy.cli.args import Parser, UsageError
 from machinepy.cli.run import _container_options
 from machinepy.core import sd
 from machinepy.core.spec import SpecError, parse_setenv
+from machinepy.integrate.dbus import (
+    DBUS_NAME,
+    DBUS_PATH,
+    BusError,
+    Connection,
+    Received,
+    method_call,
+)
 from machinepy.service.api import BUS_NAME, CONTAINER_IFACE, MANAGER_IFACE, MANAGER_PATH
 
 UNITS_DIR = Path(__file__).resolve().parents[2] / "units"
@@ -41,46 +45,38 @@ INSTALL = {
 CALL_TIMEOUT = 60.0  # CreateContainer of a big root with registration can take a while
 
 
-class CallError(Exception):
-    def __init__(self, name: str, text: str) -> None:
-        super().__init__(text or name)
-        self.name = name
+Variant = tuple[str, object]  # (signature, value), as jeepney has them
 
 
 class Client:
-    def __init__(self, bus: MessageBus) -> None:
-        self.bus = bus
+    """Blocking calls on one system bus connection: no loop, no asyncio."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
 
     @classmethod
-    async def connect(cls) -> Client:
-        from dbus_fast import BusType
+    def connect(cls) -> Client:
+        return cls(Connection.open(fds=True))
 
-        bus = await MessageBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True).connect()
-        return cls(bus)
+    def call(self, path: str, iface: str, member: str, sig: str = "",
+             body: Sequence[object] = (), destination: str = BUS_NAME, *,
+             keep_fds: bool = False) -> Received:
+        return self.conn.call_blocking(method_call(destination, path, iface, member, sig, body),
+                                       timeout=CALL_TIMEOUT, keep_fds=keep_fds)
 
-    async def call(self, path: str, iface: str, member: str, sig: str = "",
-                   body: Sequence[Any] = (), destination: str = BUS_NAME) -> Message:
-        msg = Message(destination=destination, path=path, interface=iface, member=member,
-                      signature=sig, body=list(body))
-        async with asyncio.timeout(CALL_TIMEOUT):
-            reply = await self.bus.call(msg)
-        assert reply is not None
-        if reply.message_type == MessageType.ERROR:
-            raise CallError(reply.error_name or "", str(reply.body[0]) if reply.body else "")
-        return reply
+    def bus(self, member: str, sig: str = "", *body: object) -> list[Any]:
+        return list(self.call(DBUS_PATH, DBUS_NAME, member, sig, body, DBUS_NAME).body)
 
-    async def manager(self, member: str, sig: str = "", *body: Any) -> list[Any]:
-        return list((await self.call(MANAGER_PATH, MANAGER_IFACE, member, sig, body)).body)
+    def manager(self, member: str, sig: str = "", *body: object) -> list[Any]:
+        return list(self.call(MANAGER_PATH, MANAGER_IFACE, member, sig, body).body)
 
-    async def properties(self, path: str) -> dict[str, Any]:
-        reply = await self.call(path, "org.freedesktop.DBus.Properties", "GetAll", "s",
-                                [CONTAINER_IFACE])
-        return {k: v.value for k, v in reply.body[0].items()}
+    def properties(self, path: str) -> dict[str, Any]:
+        reply = self.call(path, "org.freedesktop.DBus.Properties", "GetAll", "s",
+                          [CONTAINER_IFACE])
+        return {k: v[1] for k, v in reply.body[0].items()}
 
-    async def close(self) -> None:
-        self.bus.disconnect()
-        with contextlib.suppress(Exception):
-            await self.bus.wait_for_disconnect()  # type: ignore[no-untyped-call]
+    def close(self) -> None:
+        self.conn.close()
 
 
 # ---------------------------------------------------------------------------
@@ -106,7 +102,7 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Variant]:
 
     def put(key: str, sig: str, value: Any) -> None:
         if value:
-            opts[key] = Variant(sig, value)
+            opts[key] = (sig, value)
 
     put("Boot", "b", getattr(args, "boot", False) or getattr(args, "verb", "") == "boot")
     put("Hostname", "s", args.hostname)
@@ -137,46 +133,45 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Variant]:
     put("NoNamespaces", "as", [ns for ns in ("user", "mount", "net", "ipc", "uts", "pid")
                                if getattr(args, f"no_{ns}", False)])
     if not args.register:
-        opts["Register"] = Variant("b", False)
+        opts["Register"] = ("b", False)
     return opts
 
 
-async def start(client: Client, argv: list[str]) -> int:
+def start(client: Client, argv: list[str]) -> int:
     command: list[str] = []
     if "--" in argv:
         cut = argv.index("--")
         argv, command = argv[:cut], argv[cut + 1:]
     args = start_parser().parse_args(argv)
     root = args.root if args.root == "/" else os.path.abspath(args.root)
-    (path,) = await client.manager("CreateContainer", "ssasa{sv}", args.name, root, command,
-                                   options_from_args(args))
-    props = await client.properties(path)
+    (path,) = client.manager("CreateContainer", "ssasa{sv}", args.name, root, command,
+                             options_from_args(args))
+    props = client.properties(path)
     print(props["Name"])
     return 0
 
 
-async def _service_available(client: Client) -> bool:
+def _service_available(client: Client) -> bool:
     """io.machinepy1 runs, or D-Bus can activate it (its units are installed)."""
-    dbus = ("/org/freedesktop/DBus", "org.freedesktop.DBus")
     try:
-        owned = (await client.call(*dbus, "NameHasOwner", "s", [BUS_NAME],
-                                   destination="org.freedesktop.DBus")).body[0]
-        if owned:
+        if client.bus("NameHasOwner", "s", BUS_NAME)[0]:
             return True
-        names = (await client.call(*dbus, "ListActivatableNames",
-                                   destination="org.freedesktop.DBus")).body[0]
-    except (CallError, TimeoutError):
+        names = client.bus("ListActivatableNames")[0]
+    except BusError:
         return False
     return BUS_NAME in names
 
 
-async def _hand_off(args: argparse.Namespace) -> int | None:
+def hand_off(args: argparse.Namespace) -> int | None:
+    """`run --detach` / `boot --detach`: the container goes to io.machinepy1 when
+    that runs or can be activated, so `machinepy list`, busctl and a daemon
+    restart see it.  None: no service here; the caller detaches by itself."""
     try:
-        client = await Client.connect()
-    except Exception:  # no system bus: OSError, auth errors
+        client = Client.connect()
+    except BusError:  # no system bus
         return None
     try:
-        if not await _service_available(client):
+        if not _service_available(client):
             return None
         if args.verb == "boot":
             root, command = os.path.abspath(args.root), args.init_args
@@ -186,30 +181,24 @@ async def _hand_off(args: argparse.Namespace) -> int | None:
                 command = command[1:]
         opts = options_from_args(args)
         # What a foreground run would inherit from us, not from the daemon.
-        opts["BaseEnvironment"] = Variant("as", [f"{k}={v}" for k, v in os.environ.items()])
+        opts["BaseEnvironment"] = ("as", [f"{k}={v}" for k, v in os.environ.items()])
         if args.verb == "run" and args.chroot is None and args.chdir is None:  # pflask's cwd
-            opts["WorkingDirectory"] = Variant("s", os.getcwd())
+            opts["WorkingDirectory"] = ("s", os.getcwd())
         try:
-            (path,) = await client.manager("CreateContainer", "ssasa{sv}", args.machine or "",
-                                           root, command, opts)
-            name = (await client.properties(path))["Name"]
-        except CallError as e:
+            (path,) = client.manager("CreateContainer", "ssasa{sv}", args.machine or "",
+                                     root, command, opts)
+            name = client.properties(path)["Name"]
+        except BusError as e:
             print(f"machinepy: {e}", file=sys.stderr)
-            return 2 if e.name.endswith(".InvalidArgument") else 1
-        except TimeoutError:
-            print("machinepy: io.machinepy1 did not answer in time", file=sys.stderr)
-            return 1
+            return _status_of(e)
         print(name)
         return 0
     finally:
-        await client.close()
+        client.close()
 
 
-def hand_off(args: argparse.Namespace) -> int | None:
-    """`run --detach` / `boot --detach`: the container goes to io.machinepy1 when
-    that runs or can be activated, so `machinepy list`, busctl and a daemon
-    restart see it.  None: no service here; the caller detaches by itself."""
-    return asyncio.run(_hand_off(args))
+def _status_of(e: BusError) -> int:
+    return 2 if e.name.endswith(".InvalidArgument") else 1
 
 
 # ---------------------------------------------------------------------------
@@ -241,14 +230,14 @@ def verb_parser(verb: str) -> Parser:
     return p
 
 
-async def list_(client: Client, argv: list[str]) -> int:
+def list_(client: Client, argv: list[str]) -> int:
     args = verb_parser("list").parse_args(argv)
-    (rows,) = await client.manager("ListContainers")
+    (rows,) = client.manager("ListContainers")
     if args.output == "json":
         out = []
         for _name, _state, _leader, path in rows:
-            with contextlib.suppress(CallError):  # gone meanwhile
-                out.append(_jsonable(await client.properties(path)))
+            with contextlib.suppress(BusError):  # gone meanwhile
+                out.append(_jsonable(client.properties(path)))
         print(json.dumps(out, indent=None))
         return 0
     if rows:
@@ -268,10 +257,10 @@ def _jsonable(props: dict[str, Any]) -> dict[str, Any]:
     return {k: v.hex() if isinstance(v, bytes) else v for k, v in props.items()}
 
 
-async def status(client: Client, argv: list[str]) -> int:
+def status(client: Client, argv: list[str]) -> int:
     args = verb_parser("status").parse_args(argv)
-    (path,) = await client.manager("GetContainer", "s", args.name)
-    props = await client.properties(path)
+    (path,) = client.manager("GetContainer", "s", args.name)
+    props = client.properties(path)
     import time
 
     since = time.strftime("%a %Y-%m-%d %H:%M:%S %Z", time.localtime(props["Since"] / 1e6))
@@ -309,18 +298,18 @@ def parse_signal(text: str) -> int:
         raise UsageError(f"unknown signal '{text}'") from None
 
 
-async def lifecycle(client: Client, verb: str, argv: list[str]) -> int:
+def lifecycle(client: Client, verb: str, argv: list[str]) -> int:
     if verb == "kill":
         args = verb_parser(verb).parse_args(argv)
         sig = parse_signal(args.signal)
         for name in args.names:
-            await client.manager("KillContainer", "ssi", name, args.kill_whom, sig)
+            client.manager("KillContainer", "ssi", name, args.kill_whom, sig)
         return 0
     args = verb_parser(verb).parse_args(argv)
     member = {"poweroff": "PoweroffContainer", "reboot": "RebootContainer",
               "terminate": "TerminateContainer"}[verb]
     for name in args.names:
-        await client.manager(member, "s", name)
+        client.manager(member, "s", name)
     return 0
 
 
@@ -328,39 +317,52 @@ async def lifecycle(client: Client, verb: str, argv: list[str]) -> int:
 # attach: the console fd from OpenConsole, relayed until ^]^]^] or the end
 
 
-async def attach(client: Client, argv: list[str]) -> int:
+def attach(client: Client, argv: list[str]) -> int:
     from machinepy.runtime import console as consolemod
+    from machinepy.runtime.loop import MiniLoop
 
     args = verb_parser("attach").parse_args(argv)
-    await client.call("/org/freedesktop/DBus", "org.freedesktop.DBus", "AddMatch", "s",
-                      [f"type='signal',interface='{MANAGER_IFACE}',member='ContainerRemoved',"
-                       f"arg0='{args.name}'"], destination="org.freedesktop.DBus")
-    reply = await client.call(MANAGER_PATH, MANAGER_IFACE, "OpenConsole", "s", [args.name])
-    master = reply.unix_fds[reply.body[0]]
-    loop = asyncio.get_running_loop()
+    client.bus("AddMatch", "s", f"type='signal',interface='{MANAGER_IFACE}',"
+                                f"member='ContainerRemoved',arg0='{args.name}'")
+    reply = client.call(MANAGER_PATH, MANAGER_IFACE, "OpenConsole", "s", [args.name],
+                        keep_fds=True)
+    master = reply.take_fd(reply.body[0])
+    reply.close_fds()
+    loop = MiniLoop()
     done = loop.create_future()
 
-    def finish(*_: Any) -> None:
+    def finish(*_: object) -> None:
         if not done.done():
             done.set_result(None)
 
-    def on_signal(msg: Message) -> None:
-        if msg.member == "ContainerRemoved" and msg.body and msg.body[0] == args.name:
+    def on_signal(msg: Received) -> bool:
+        if msg.member == "ContainerRemoved" and msg.signature == "soi" and \
+                msg.body[0] == args.name:
             finish()
+        return False
 
-    client.bus.add_message_handler(on_signal)
+    client.conn.add_handler(on_signal)
+    client.conn.on_close(finish)
+    client.conn.attach(loop)
     relay = consolemod.Relay(loop, master, finish, interactive=consolemod.interactive())
     print(f"Attached to {args.name}. Press ^] three times within 1s to detach.",
           file=sys.stderr)
-    relay.start()
-    if consolemod.interactive():
-        loop.add_signal_handler(signal.SIGWINCH, relay.resize)
+
+    async def relaying() -> None:
+        relay.start()
+        if consolemod.interactive():
+            loop.add_signal_handler(signal.SIGWINCH, relay.resize)
+        try:
+            await done
+        finally:
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(signal.SIGWINCH)
+            relay.stop()
+            client.conn.detach()
+
     try:
-        await done
+        loop.run(relaying())
     finally:
-        with contextlib.suppress(Exception):
-            loop.remove_signal_handler(signal.SIGWINCH)
-        relay.stop()
         os.close(master)
     print(f"\nDetached from {args.name}.", file=sys.stderr)
     return 0
@@ -435,24 +437,24 @@ def install_units(argv: list[str]) -> int:
 # ---------------------------------------------------------------------------
 
 
-async def _run(verb: str, argv: list[str]) -> int:
+def _run(verb: str, argv: list[str]) -> int:
     try:
-        client = await Client.connect()
-    except Exception as e:  # no bus: OSError, auth errors
+        client = Client.connect()
+    except BusError as e:  # no bus
         print(f"machinepy: cannot connect to the system bus: {e}", file=sys.stderr)
         return 1
     try:
         if verb == "start":
-            return await start(client, argv)
+            return start(client, argv)
         if verb == "list":
-            return await list_(client, argv)
+            return list_(client, argv)
         if verb == "status":
-            return await status(client, argv)
+            return status(client, argv)
         if verb == "attach":
-            return await attach(client, argv)
-        return await lifecycle(client, verb, argv)
+            return attach(client, argv)
+        return lifecycle(client, verb, argv)
     finally:
-        await client.close()
+        client.close()
 
 
 def main(argv: Sequence[str]) -> int:
@@ -460,13 +462,10 @@ def main(argv: Sequence[str]) -> int:
     try:
         if verb == "install-units":
             return install_units(rest)
-        return asyncio.run(_run(verb, rest))
+        return _run(verb, rest)
     except (UsageError, SpecError) as e:
         print(f"machinepy: {e}", file=sys.stderr)
         return 2
-    except CallError as e:
+    except BusError as e:
         print(f"machinepy: {e}", file=sys.stderr)
-        return 2 if e.name.endswith(".InvalidArgument") else 1
-    except TimeoutError:
-        print("machinepy: io.machinepy1 did not answer in time", file=sys.stderr)
-        return 1
+        return _status_of(e)

@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: BSD-2-Clause
 """Command line: argv → validated ContainerSpec → supervisor.
 
-Heavy modules (asyncio, dbus-fast, pyroute2) are imported only on the paths
+Heavy modules (jeepney, asyncio and pyroute2) are imported only on the paths
 that need them, so `machinepy run` starts about as fast as Python itself.
 """
 
@@ -261,14 +261,8 @@ def with_caller_maps(spec: ContainerSpec) -> ContainerSpec:
 
 
 def _needs_asyncio(spec: ContainerSpec) -> bool:
-    """D-Bus (dbus-fast) and netlink (pyroute2) need asyncio; nothing else does."""
-    if spec.netifs or spec.addresses or spec.routes:
-        return True
-    if not spec.register:
-        return False
-    from machinepy.core.sd import can_register
-
-    return can_register()
+    """Netlink (pyroute2) needs asyncio; nothing else does (D-Bus runs on MiniLoop)."""
+    return bool(spec.netifs or spec.addresses or spec.routes)
 
 
 def _import_asyncio() -> ModuleType:

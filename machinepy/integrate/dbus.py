@@ -30,21 +30,26 @@ import socket
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Generator, Sequence
-from typing import Any, Protocol, Self, TypeVar
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol
 
 from jeepney.auth import BEGIN, NEGOTIATE_UNIX_FD, make_auth_external
 from jeepney.bus import get_connectable_addresses
 from jeepney.low_level import (
+    Array,
+    DictEntry,
     Endianness,
     Header,
     HeaderFields,
     Message,
     MessageFlag,
     MessageType,
+    Struct,
     calc_msg_size,
     parse_signature,
 )
+
+from machinepy.runtime.loop import Cancellable, FutureLike
 
 DBUS_NAME = "org.freedesktop.DBus"
 DBUS_PATH = "/org/freedesktop/DBus"
@@ -68,7 +73,6 @@ FDS_SPACE = socket.CMSG_SPACE(253 * array.array("i").itemsize)
 SIGNATURE_CACHE = 256  # parsed body signatures kept (peers choose them: bounded)
 
 Body = tuple[object, ...]
-T = TypeVar("T")
 
 
 class BusError(Exception):
@@ -89,19 +93,6 @@ class BusError(Exception):
 
 # ---------------------------------------------------------------------------
 # What a loop must offer: asyncio's loops and machinepy's MiniLoop both do.
-
-
-class FutureLike(Protocol[T]):
-    def done(self) -> bool: ...
-    def result(self) -> T: ...
-    def set_result(self, result: T, /) -> None: ...
-    def set_exception(self, exception: BaseException, /) -> None: ...
-    def add_done_callback(self, fn: Callable[[Self], object], /) -> None: ...
-    def __await__(self) -> Generator[Any, None, T]: ...
-
-
-class Cancellable(Protocol):
-    def cancel(self) -> None: ...
 
 
 class EventLoop(Protocol):
@@ -242,6 +233,31 @@ def _body_type(signature: str) -> Any:  # jeepney's parser objects have no commo
         if len(_signatures) < SIGNATURE_CACHE:
             _signatures[signature] = parsed
     return parsed
+
+
+def conform(signature: str, value: object) -> object:
+    """VALUE of one complete type SIGNATURE, its sequences as jeepney marshals them:
+    structs as tuples, arrays as lists (bytes for ay), dicts as dicts."""
+    return _conform(_body_type(signature).fields[0], value)  # the body: a struct of one
+
+
+def _conform(t: object, value: object) -> object:
+    # (jeepney-stubs do not declare the type objects' fields and elt_type)
+    if isinstance(t, Struct) and isinstance(value, (tuple, list)):
+        return tuple(_conform(f, v) for f, v in zip(t.fields, value,  # type: ignore[attr-defined]
+                                                     strict=True))
+    if isinstance(t, Array):
+        elt: object = t.elt_type  # type: ignore[attr-defined]
+        if isinstance(elt, DictEntry):
+            items = value.items() if isinstance(value, dict) else value
+            assert isinstance(items, Iterable)
+            key, val = elt.fields  # type: ignore[attr-defined]
+            return {_conform(key, k): _conform(val, v) for k, v in items}
+        if isinstance(value, (bytes, bytearray)):
+            return bytes(value)
+        assert isinstance(value, Iterable)
+        return [_conform(elt, v) for v in value]
+    return value
 
 
 def system_bus_address() -> str:
@@ -401,7 +417,7 @@ class Connection:
         """
         if self.closed:
             if close_fds:
-                _close_message_fds(msg)
+                close_fds_in(msg)
             raise self._gone()
         self._serial += 1
         fds: list[int] = []
@@ -693,8 +709,8 @@ def _close_all(fds: Sequence[int]) -> None:
             os.close(fd)
 
 
-def _close_message_fds(msg: Message) -> None:
-    """The fds in an unsent message's body (serialising collects them)."""
+def close_fds_in(msg: Message) -> None:
+    """Close the fds in an unsent message's body (serialising collects them)."""
     fds: list[int] = []
     with contextlib.suppress(Exception):
         msg.serialise(0, fds)  # type: ignore[arg-type]

@@ -4,9 +4,10 @@
 Importing asyncio costs about 15 ms, a third of machinepy's start-up budget.
 A container that needs no D-Bus and no netlink only waits on a few fds
 (pidfd, pty, status pipe) and signals, so the supervisor runs on this
-selectors-based loop instead.  It implements the subset of asyncio's loop API
-the supervisor, console and attach code use, so the same code runs on either;
-paths that talk to D-Bus or netlink always get a real asyncio loop.
+selectors-based loop instead, D-Bus included (machinepy.integrate.dbus runs
+on either).  It implements the subset of asyncio's loop API the supervisor,
+console, attach and D-Bus code use, so the same code runs on either; paths
+that talk netlink (pyroute2) get a real asyncio loop.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import signal
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Generator
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, Self, TypeVar
+
+T = TypeVar("T")
 
 
 class Handle:
@@ -35,24 +38,25 @@ class Handle:
         return self.when < other.when
 
 
-class Future:
+class Future(Generic[T]):
     """Awaitable result; enough of asyncio.Future for `await fut`."""
 
     __slots__ = ("_callbacks", "_done", "_exception", "_result")
 
     def __init__(self) -> None:
         self._done = False
-        self._result: Any = None
+        self._result: T | None = None
         self._exception: BaseException | None = None
-        self._callbacks: list[Callable[[Future], None]] = []
+        self._callbacks: list[Callable[[Future[T]], object]] = []
 
     def done(self) -> bool:
         return self._done
 
-    def result(self) -> Any:
+    def result(self) -> T:
         if self._exception is not None:
             raise self._exception
-        return self._result
+        # Set before it is done (T may itself include None).
+        return self._result  # type: ignore[return-value]
 
     def _finish(self) -> None:
         self._done = True
@@ -60,26 +64,41 @@ class Future:
         for cb in callbacks:
             cb(self)
 
-    def set_result(self, value: Any) -> None:
+    def set_result(self, value: T, /) -> None:
         if not self._done:
             self._result = value
             self._finish()
 
-    def set_exception(self, exc: BaseException) -> None:
+    def set_exception(self, exc: BaseException, /) -> None:
         if not self._done:
             self._exception = exc
             self._finish()
 
-    def add_done_callback(self, cb: Callable[[Future], None]) -> None:
+    def add_done_callback(self, cb: Callable[[Future[T]], object], /) -> None:
         if self._done:
             cb(self)
         else:
             self._callbacks.append(cb)
 
-    def __await__(self) -> Generator[Future, None, Any]:
+    def __await__(self) -> Generator[Future[T], None, T]:
         if not self._done:
             yield self
         return self.result()
+
+
+class FutureLike(Protocol[T]):
+    """A future of either loop: asyncio.Future or Future."""
+
+    def done(self) -> bool: ...
+    def result(self) -> T: ...
+    def set_result(self, result: T, /) -> None: ...
+    def set_exception(self, exception: BaseException, /) -> None: ...
+    def add_done_callback(self, fn: Callable[[Self], object], /) -> None: ...
+    def __await__(self) -> Generator[Any, None, T]: ...
+
+
+class Cancellable(Protocol):
+    def cancel(self) -> None: ...
 
 
 class LoopLike(Protocol):
@@ -92,9 +111,10 @@ class LoopLike(Protocol):
     def add_signal_handler(self, sig: int, callback: Callable[..., object],
                            *args: Any) -> None: ...
     def remove_signal_handler(self, sig: int) -> bool: ...
-    def call_soon(self, callback: Callable[..., object], *args: Any) -> Any: ...
-    def call_later(self, delay: float, callback: Callable[..., object], *args: Any) -> Any: ...
-    def create_future(self) -> Any: ...
+    def call_soon(self, callback: Callable[..., object], *args: Any) -> Cancellable: ...
+    def call_later(self, delay: float, callback: Callable[..., object],
+                   *args: Any) -> Cancellable: ...
+    def create_future(self) -> FutureLike[Any]: ...
 
 
 class MiniLoop:
@@ -177,7 +197,7 @@ class MiniLoop:
         heapq.heappush(self.timers, handle)
         return handle
 
-    def create_future(self) -> Future:
+    def create_future(self) -> Future[Any]:
         return Future()
 
     # -- running --------------------------------------------------------------
@@ -217,7 +237,7 @@ class MiniLoop:
 
     def run(self, coro: Coroutine[Any, Any, Any]) -> Any:
         """Drive CORO to completion; it may only await this loop's futures."""
-        outcome = Future()
+        outcome: Future[Any] = Future()
 
         def step() -> None:
             try:

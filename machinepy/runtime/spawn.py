@@ -7,7 +7,7 @@ import contextlib
 import os
 import signal
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from machinepy.core import linux
 from machinepy.core.caps import bounding_drop, retained
@@ -177,8 +177,12 @@ def _read_line(fd: int) -> bytes:
     return data.rstrip(b"\n")
 
 
-def spawn(cfg: ChildConfig) -> Spawned:
-    """Fork the setup child; return once PID 1 exists and waits for go."""
+def spawn(cfg: ChildConfig, meanwhile: Callable[[], object] | None = None) -> Spawned:
+    """Fork the setup child; return once PID 1 exists and waits for go.
+
+    MEANWHILE() runs in this process while the child unshares and forks PID 1
+    (it must not raise: the supervisor connects to the bus there).
+    """
     # Threads made through threading are the ones to fear here; when nothing
     # imported it, there are none (and `run` need not import it to know).
     threading = sys.modules.get("threading")
@@ -196,8 +200,12 @@ def spawn(cfg: ChildConfig) -> Spawned:
         setup_child(cfg, status_w, go_r)
     os.close(status_w)
     os.close(go_r)
-    line = _read_line(status_r)
-    os.waitpid(pid, 0)
+    try:
+        if meanwhile is not None:
+            meanwhile()
+    finally:
+        line = _read_line(status_r)
+        os.waitpid(pid, 0)
     if not line.startswith(b"PID "):
         os.close(status_r)
         os.close(go_w)

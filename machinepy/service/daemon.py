@@ -406,14 +406,9 @@ class Daemon:
     # -- main ------------------------------------------------------------------------------
 
     async def run(self, bus_address: str | None = None) -> None:
-        from dbus_fast import BusType
-        from dbus_fast.aio import MessageBus
+        from machinepy.integrate.dbus import Connection
 
-        if bus_address:
-            bus = MessageBus(bus_address=bus_address, negotiate_unix_fd=True)
-        else:
-            bus = MessageBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True)
-        await bus.connect()
+        bus = Connection.open(bus_address, fds=True)  # blocking: the daemon has nothing else yet
         hooks = Hooks(running=self._running, gone=self._gone, console=self._store_console,
                       console_gone=self._unstore_console)
         self.service = service = Service(bus, hooks=hooks, stop_timeout=self.stop_timeout)
@@ -440,7 +435,13 @@ class Daemon:
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, request_stop)
-        disconnected = asyncio.ensure_future(bus.wait_for_disconnect())  # type: ignore[no-untyped-call]
+        disconnected: asyncio.Future[None] = loop.create_future()
+
+        def lost() -> None:
+            if not disconnected.done():
+                disconnected.set_result(None)
+
+        bus.on_close(lost)
         self.notify(f"READY=1\nSTATUS={len(service.entries)} containers "
                     f"({adopted} adopted)")
         log.info("io.machinepy1 ready; %d containers adopted", adopted)

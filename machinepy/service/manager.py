@@ -1,10 +1,11 @@
 # SPDX-License-Identifier: BSD-2-Clause
 """io.machinepy1: many containers, one asyncio loop, exported on the system bus.
 
-The object tree is served by hand from one message handler rather than with
-dbus-fast's ServiceInterface: every call needs its sender (authorization), most
-are coroutines, and one returns a file descriptor.  Introspection, Properties
-(with PropertiesChanged) are answered here; Peer is left to dbus-fast.
+The object tree is served by hand from one message handler on a
+machinepy.integrate.dbus connection: every call needs its sender
+(authorization), most are coroutines, and one returns a file descriptor.
+Introspection (the XML written here) and Properties (with PropertiesChanged)
+are answered here; Peer by the connection, for every object, as sd-bus does.
 
     /io/machinepy1                   io.machinepy1.Manager
     /io/machinepy1/container/NAME    io.machinepy1.Container (NAME bus-label escaped)
@@ -25,11 +26,22 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NamedTuple, Protocol
 
-from dbus_fast import ArgDirection, Message, MessageFlag, MessageType, PropertyAccess, Variant
-from dbus_fast import introspection as intr
-from dbus_fast.aio import MessageBus
+from jeepney.low_level import Message, MessageType
 
 from machinepy.core.spec import OWNERSHIPS, SpecError, check_machine_name, one_line, quote, validate
+from machinepy.integrate.dbus import (
+    FAILED,
+    BusError,
+    Connection,
+    Received,
+    bus_call,
+    close_fds_in,
+    error_reply,
+    method_return,
+)
+from machinepy.integrate.dbus import (
+    signal as new_signal,
+)
 from machinepy.service.api import (
     BUS_NAME,
     CONTAINER_IFACE,
@@ -55,28 +67,79 @@ from machinepy.supervise.supervisor import STOP_TIMEOUT, Container, Supervisor, 
 log = logging.getLogger("machinepy.service.manager")
 
 UID_TIMEOUT = 25.0  # GetConnectionUnixUser; sd-bus's default method timeout
+# RequestName: its flag, and its answers.
+DO_NOT_QUEUE = 4
+PRIMARY_OWNER, ALREADY_OWNER = 1, 4
+REQUEST_NAME_REPLIES = {1: "primary owner", 2: "in queue", 3: "exists", 4: "already owner"}
 
 
 def _signature(pairs: Sequence[tuple[str, str]]) -> str:
     return "".join(sig for _, sig in pairs)
 
 
-def _interface(name: str, methods: Sequence[Method], props: Sequence[tuple[str, str]],
-               signals: Sequence[tuple[str, Sequence[tuple[str, str]]]] = ()) -> intr.Interface:
-    return intr.Interface(
-        name,
-        methods=[intr.Method(m.name, [intr.Arg(s, ArgDirection.IN, n) for n, s in m.args],
-                             [intr.Arg(s, ArgDirection.OUT, n) for n, s in m.returns])
-                 for m in methods],
-        signals=[intr.Signal(n, [intr.Arg(s, ArgDirection.OUT, a) for a, s in args])
-                 for n, args in signals],
-        properties=[intr.Property(n, s, PropertyAccess.READ) for n, s in props],
-    )
+Variant = tuple[str, object]  # (signature, value), as jeepney has them
+
+# The standard interfaces every object has, as sd-bus and dbus-fast list them.
+STANDARD_INTERFACES: tuple[tuple[str, tuple[Method, ...],
+                                 tuple[tuple[str, tuple[tuple[str, str], ...]], ...]], ...] = (
+    (INTROSPECTABLE, (Method("Introspect", (), (("data", "s"),), False),), ()),
+    ("org.freedesktop.DBus.Peer", (
+        Method("GetMachineId", (), (("machine_uuid", "s"),), False),
+        Method("Ping", (), (), False)), ()),
+    (PROPERTIES, (
+        Method("Get", (("interface_name", "s"), ("property_name", "s")), (("value", "v"),),
+               False),
+        Method("Set", (("interface_name", "s"), ("property_name", "s"), ("value", "v")), (),
+               False),
+        Method("GetAll", (("interface_name", "s"),), (("props", "a{sv}"),), False)),
+     (("PropertiesChanged", (("interface_name", "s"), ("changed_properties", "a{sv}"),
+                             ("invalidated_properties", "as"))),)),
+)
+DOCTYPE = ('<!DOCTYPE node PUBLIC "-//freedesktop//DTD D-BUS Object Introspection 1.0//EN"\n'
+           '"http://www.freedesktop.org/standards/dbus/1.0/introspect.dtd">\n')
 
 
-def _standard_interfaces() -> list[intr.Interface]:
-    node = intr.Node.default()
-    return [i for i in node.interfaces if i.name != "org.freedesktop.DBus.ObjectManager"]
+def _interface_xml(name: str, methods: Sequence[Method],
+                   signals: Sequence[tuple[str, Sequence[tuple[str, str]]]] = (),
+                   props: Sequence[tuple[str, str]] = ()) -> list[str]:
+    """One <interface> (names come from our own tables: nothing to escape)."""
+    out = [f'  <interface name="{name}">']
+
+    def element(kind: str, title: str, args: list[tuple[str, str, str]]) -> None:
+        if not args:
+            out.append(f'    <{kind} name="{title}" />')
+            return
+        out.append(f'    <{kind} name="{title}">')
+        out.extend(f'      <arg name="{a}" direction="{d}" type="{t}" />' for a, d, t in args)
+        out.append(f"    </{kind}>")
+
+    for m in methods:
+        element("method", m.name, [(a, "in", t) for a, t in m.args] +
+                [(a, "out", t) for a, t in m.returns])
+    for title, args in signals:
+        element("signal", title, [(a, "out", t) for a, t in args])
+    out.extend(f'    <property name="{n}" type="{t}" access="read" />' for n, t in props)
+    out.append("  </interface>")
+    return out
+
+
+def introspection_xml(path: str, interfaces: Sequence[list[str]], children: Sequence[str]
+                      ) -> str:
+    if not interfaces and not children:
+        return f'{DOCTYPE}<node name="{path}" />'
+    lines = [f'{DOCTYPE}<node name="{path}">']
+    for iface in interfaces:
+        lines += iface
+    lines += [f'  <node name="{child}" />' for child in children]
+    lines.append("</node>")
+    return "\n".join(lines)
+
+
+_STANDARD_XML = [_interface_xml(n, m, s) for n, m, s in STANDARD_INTERFACES]
+MANAGER_XML = [*_STANDARD_XML, _interface_xml(MANAGER_IFACE, MANAGER_METHODS, MANAGER_SIGNALS,
+                                              MANAGER_PROPERTIES)]
+CONTAINER_XML = [*_STANDARD_XML, _interface_xml(CONTAINER_IFACE, CONTAINER_METHODS,
+                                                props=CONTAINER_PROPERTIES)]
 
 
 # ---------------------------------------------------------------------------
@@ -127,18 +190,20 @@ def _escape_item(text: str) -> str:
 
 def spec_from_options(name: str, root_directory: str, command: Sequence[str],
                       options: dict[str, Variant]) -> Any:
-    """The same ContainerSpec the CLI would make; SpecError on any bad input."""
+    """The same ContainerSpec the CLI would make; SpecError on any bad input.
+
+    OPTIONS as they arrive: NAME -> (signature, value)."""
     from machinepy.cli.run import build_parser, spec_from_args
 
     values: dict[str, Any] = {}
-    for key, variant in options.items():
+    for key, (signature, value) in options.items():
         opt = OPTIONS.get(key)
         if opt is None:
             raise SpecError(f"unknown option {quote(key)} (known: {', '.join(sorted(OPTIONS))})")
-        if variant.signature != opt.signature:
+        if signature != opt.signature:
             raise SpecError(f"option {quote(key)} must be of type {quote(opt.signature)}, "
-                            f"not {quote(variant.signature)}")
-        values[opt.dest] = variant.value
+                            f"not {quote(signature)}")
+        values[opt.dest] = value
     boot = bool(values.pop("boot", False))
     root = root_directory or None
     if boot and root is None:
@@ -292,18 +357,18 @@ class Entry:
         mid = spec.machine_id.bytes if spec is not None and spec.machine_id else b""
         ifindices: list[int] = list(getattr(self.control, "ifindices", []) or [])
         return {
-            "Name": Variant("s", self.name),
-            "Id": Variant("ay", mid),
-            "State": Variant("s", self.state),
-            "Leader": Variant("u", c.leader if c else 0),
-            "RootDirectory": Variant("s", (spec.root if spec else None) or "/"),
-            "Command": Variant("as", list(spec.command) if spec else []),
-            "Boot": Variant("b", bool(spec and spec.boot)),
-            "Unit": Variant("s", (c.unit if c else None) or ""),
-            "MachineRegistered": Variant("b", bool(c and c.registered)),
-            "Since": Variant("t", self.since),
-            "ExitStatus": Variant("i", self.exit_status),
-            "NetworkInterfaces": Variant("ai", ifindices),
+            "Name": ("s", self.name),
+            "Id": ("ay", mid),
+            "State": ("s", self.state),
+            "Leader": ("u", c.leader if c else 0),
+            "RootDirectory": ("s", (spec.root if spec else None) or "/"),
+            "Command": ("as", list(spec.command) if spec else []),
+            "Boot": ("b", bool(spec and spec.boot)),
+            "Unit": ("s", (c.unit if c else None) or ""),
+            "MachineRegistered": ("b", bool(c and c.registered)),
+            "Since": ("t", self.since),
+            "ExitStatus": ("i", self.exit_status),
+            "NetworkInterfaces": ("ai", ifindices),
         }
 
 
@@ -320,7 +385,7 @@ class Hooks(NamedTuple):
 
 
 class Service:
-    def __init__(self, bus: MessageBus, *, hooks: Hooks | None = None,
+    def __init__(self, bus: Connection, *, hooks: Hooks | None = None,
                  stop_timeout: float = STOP_TIMEOUT) -> None:
         self.bus = bus
         self.loop = asyncio.get_running_loop()
@@ -331,18 +396,18 @@ class Service:
         self.tasks: set[asyncio.Future[Any]] = set()
         self._uids: dict[str, int] = {}
         self._serial = 0
-        bus.add_message_handler(self._on_message)
+        bus.add_handler(self._on_message)
+        bus.attach(self.loop)
 
     async def start(self, request_name: bool = True) -> None:
         """Watch for vanishing peers (attached consoles), then take the name."""
         await self._bus_call("AddMatch", "s", [
             f"type='signal',sender='{DBUS}',interface='{DBUS}',member='NameOwnerChanged'"])
         if request_name:
-            from dbus_fast import NameFlag, RequestNameReply
-
-            reply = await self.bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
-            if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
-                raise RuntimeError(f"cannot own {BUS_NAME}: {reply.name}")
+            (reply,) = await self._bus_call("RequestName", "su", [BUS_NAME, DO_NOT_QUEUE])
+            if reply not in (PRIMARY_OWNER, ALREADY_OWNER):
+                raise RuntimeError(f"cannot own {BUS_NAME}: "
+                                   f"{REQUEST_NAME_REPLIES.get(reply, reply)}")
 
     # -- containers --------------------------------------------------------------------
 
@@ -553,28 +618,22 @@ class Service:
                 entry.control.terminate()
         if self.tasks:
             await asyncio.wait(list(self.tasks), timeout=30)
-        self.bus.remove_message_handler(self._on_message)
+        self.bus.remove_handler(self._on_message)
 
     # -- D-Bus plumbing ----------------------------------------------------------------
 
     def _signal(self, path: str, iface: str, member: str, sig: str, body: list[Any]) -> None:
-        self.bus.send(Message.new_signal(path, iface, member, sig, body))
+        with contextlib.suppress(BusError):  # the bus is gone: the daemon is on its way out
+            self.bus.send(new_signal(path, iface, member, sig, body))
 
     async def _bus_call(self, member: str, sig: str, body: list[Any]) -> list[Any]:
-        reply = await self.bus.call(Message(destination=DBUS, path="/org/freedesktop/DBus",
-                                            interface=DBUS, member=member, signature=sig,
-                                            body=body))
-        assert reply is not None
-        if reply.message_type == MessageType.ERROR:
-            raise ServiceError(reply.error_name or f"{DBUS}.Error.Failed",
-                               str(reply.body[0]) if reply.body else "bus call failed")
-        return list(reply.body)
+        return list((await self.bus.call(bus_call(member, sig, body),
+                                         timeout=UID_TIMEOUT)).body)
 
     async def caller_uid(self, sender: str) -> int:
         uid = self._uids.get(sender)
         if uid is None:
-            async with asyncio.timeout(UID_TIMEOUT):
-                (uid,) = await self._bus_call("GetConnectionUnixUser", "s", [sender])
+            (uid,) = await self._bus_call("GetConnectionUnixUser", "s", [sender])
             self._uids[sender] = uid
         return uid
 
@@ -582,59 +641,46 @@ class Service:
         return path == MANAGER_PATH or path.startswith(MANAGER_PATH + "/") or \
             MANAGER_PATH.startswith(path.rstrip("/") + "/") or path == "/"
 
-    def _on_message(self, msg: Message) -> bool:
-        # Every handler sees each message first.  Fds that arrive with a call or
-        # a signal are ours now (received into this process): nothing takes one
-        # over, so each is closed once its message is handled, on every path;
-        # else any peer could fill our fd table.  Replies keep theirs: the
-        # caller awaiting one owns them.
-        if msg.message_type == MessageType.SIGNAL:
-            close_received_fds(msg)
+    def _on_message(self, msg: Received) -> bool:
+        # Fds that arrive with a call or a signal are closed by the connection
+        # once the handlers have seen it (none of ours takes one): else any
+        # peer could fill our fd table.  Peer, and whatever is not ours, the
+        # connection answers.
+        if msg.type == MessageType.signal:
             if msg.member == "NameOwnerChanged" and msg.sender == DBUS and \
                     msg.signature == "sss" and not msg.body[2]:
                 self._peer_gone(msg.body[0])
             return False
-        if msg.message_type != MessageType.METHOD_CALL:
+        if msg.type != MessageType.method_call:
             return False
         if not self._ours(msg.path or "") or msg.interface == "org.freedesktop.DBus.Peer":
-            close_received_fds(msg)  # dbus-fast answers Ping, GetMachineId, UnknownObject
             return False
         task = asyncio.ensure_future(self._dispatch(msg))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
         return True
 
-    async def _dispatch(self, msg: Message) -> None:
+    async def _dispatch(self, msg: Received) -> None:
         try:
             reply = await self._handle(msg)
-        except ServiceError as e:
-            reply = Message.new_error(msg, e.name, str(e))
+        except BusError as e:  # ServiceError, and the bus's own errors
+            reply = error_reply(msg, e.name, str(e))
         except Exception as e:  # never let one call take the daemon down
             log.exception("%s.%s failed", msg.interface, msg.member)
-            reply = Message.new_error(msg, f"{DBUS}.Error.Failed",
-                                      f"internal error: {type(e).__name__}: {e}")
-        finally:
-            close_received_fds(msg)
+            reply = error_reply(msg, FAILED, f"internal error: {type(e).__name__}: {e}")
         # Replies own their fds (dups): closed once written, whatever happens meanwhile.
-        fds = list(reply.unix_fds)
-
-        def close_fds(_: object = None) -> None:
-            for fd in fds:
-                os.close(fd)
-
-        if msg.flags & MessageFlag.NO_REPLY_EXPECTED:
-            close_fds()
+        if msg.no_reply:
+            close_fds_in(reply)
             return
-        fut = self.bus.send(reply)
-        if fds:
-            fut.add_done_callback(close_fds)
+        with contextlib.suppress(BusError):  # gone: closed with it
+            self.bus.send(reply, close_fds=True)
 
-    async def _handle(self, msg: Message) -> Message:
+    async def _handle(self, msg: Received) -> Message:
         path, iface, member = msg.path or "", msg.interface, msg.member or ""
         entry = self.by_path.get(path)
         exported = path == MANAGER_PATH or entry is not None
         if iface in (None, INTROSPECTABLE) and member == "Introspect" and msg.signature == "":
-            return Message.new_method_return(msg, "s", [self.introspect(path)])
+            return method_return(msg, "s", [self.introspect(path)])
         if not exported:
             raise ServiceError(f"{DBUS}.Error.UnknownObject", f"no object at '{path}'")
         own_iface = MANAGER_IFACE if entry is None else CONTAINER_IFACE
@@ -657,25 +703,25 @@ class Service:
             return await self._manager_call(msg, member)
         return self._container_call(msg, entry, member, list(msg.body))
 
-    async def _manager_call(self, msg: Message, member: str) -> Message:
+    async def _manager_call(self, msg: Received, member: str) -> Message:
         args = list(msg.body)
         if member == "CreateContainer":
             entry = await self.create(*args)
-            return Message.new_method_return(msg, "o", [entry.path])
+            return method_return(msg, "o", [entry.path])
         if member == "ListContainers":
-            rows = [[e.name, e.state, e.container.leader if e.container else 0, e.path]
+            rows = [(e.name, e.state, e.container.leader if e.container else 0, e.path)
                     for e in self.entries.values()]
-            return Message.new_method_return(msg, "a(ssuo)", [rows])
+            return method_return(msg, "a(ssuo)", [rows])
         entry = self.get(args[0])
         if member == "GetContainer":
-            return Message.new_method_return(msg, "o", [entry.path])
+            return method_return(msg, "o", [entry.path])
         return self._container_call(msg, entry, member.removesuffix("Container"), args[1:])
 
-    def _container_call(self, msg: Message, entry: Entry, member: str,
+    def _container_call(self, msg: Received, entry: Entry, member: str,
                         args: list[Any]) -> Message:
         if member == "OpenConsole":
             fd = self.open_console(entry, msg.sender or "")
-            return Message.new_method_return(msg, "h", [0], [os.dup(fd)])
+            return method_return(msg, "h", [os.dup(fd)])
         if member == "Poweroff":
             self.poweroff(entry)
         elif member == "Reboot":
@@ -684,9 +730,9 @@ class Service:
             self.terminate(entry)
         elif member == "Kill":
             self.kill(entry, args[0], args[1])
-        return Message.new_method_return(msg)
+        return method_return(msg)
 
-    def _properties(self, msg: Message, own_iface: str, entry: Entry | None) -> Message:
+    def _properties(self, msg: Received, own_iface: str, entry: Entry | None) -> Message:
         member, body = msg.member, list(msg.body)
         props = self.manager_properties() if entry is None else entry.properties()
         expected = {"Get": "ss", "GetAll": "s", "Set": "ssv"}.get(member or "")
@@ -698,47 +744,34 @@ class Service:
         if body[0] not in (own_iface, ""):
             if member == "GetAll" and body[0] in (INTROSPECTABLE, PROPERTIES,
                                                    "org.freedesktop.DBus.Peer"):
-                return Message.new_method_return(msg, "a{sv}", [{}])
+                return method_return(msg, "a{sv}", [{}])
             raise ServiceError(f"{DBUS}.Error.UnknownInterface", f"no interface '{body[0]}'")
         if member == "GetAll":
-            return Message.new_method_return(msg, "a{sv}", [props])
+            return method_return(msg, "a{sv}", [props])
         if body[1] not in props:
             raise ServiceError(f"{DBUS}.Error.UnknownProperty", f"no property '{body[1]}'")
         if member == "Set":
             raise ServiceError(f"{DBUS}.Error.PropertyReadOnly", f"'{body[1]}' is read-only")
-        return Message.new_method_return(msg, "v", [props[body[1]]])
+        return method_return(msg, "v", [props[body[1]]])
 
     def manager_properties(self) -> dict[str, Variant]:
-        return {"Version": Variant("s", VERSION),
-                "Containers": Variant("u", len(self.entries))}
+        return {"Version": ("s", VERSION),
+                "Containers": ("u", len(self.entries))}
 
     def introspect(self, path: str) -> str:
-        node = intr.Node(path, is_root=True)
+        interfaces: list[list[str]] = []
         children: list[str] = []
         if path == MANAGER_PATH:
-            node.interfaces = [*_standard_interfaces(),
-                               _interface(MANAGER_IFACE, MANAGER_METHODS, MANAGER_PROPERTIES,
-                                          MANAGER_SIGNALS)]
+            interfaces = MANAGER_XML
             children = ["container"] if self.entries else []
         elif path in self.by_path:
-            node.interfaces = [*_standard_interfaces(),
-                               _interface(CONTAINER_IFACE, CONTAINER_METHODS,
-                                          CONTAINER_PROPERTIES)]
+            interfaces = CONTAINER_XML
         elif path == CONTAINERS_PATH:
             children = sorted(p.rsplit("/", 1)[1] for p in self.by_path)
         elif MANAGER_PATH.startswith(path.rstrip("/") + "/"):
             rest = MANAGER_PATH[len(path.rstrip("/")) + 1:]
             children = [rest.split("/", 1)[0]]
-        node.nodes = [intr.Node(c, is_root=False) for c in children]
-        return node.tostring()
-
-
-def close_received_fds(msg: Message) -> None:
-    fds = msg.unix_fds
-    msg.unix_fds = []
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
+        return introspection_xml(path, interfaces, children)
 
 
 def kill_namespace(leader: int, sig: int) -> None:

@@ -24,6 +24,7 @@ from machinepy.runtime.loop import LoopLike
 from machinepy.runtime.spawn import Spawned, SpawnError, child_config, spawn, write_id_maps
 
 if TYPE_CHECKING:
+    from machinepy.integrate.machined import MachineRegistration
     from machinepy.runtime.attachsock import AttachServer
 
 PROPAGATE_DIR = "/run/systemd/nspawn/propagate"
@@ -258,6 +259,8 @@ class Supervisor:
                     self.on_error(f"idmapped mount of {self.spec.root}: {e.strerror}")
                     return 1
                 stack.callback(os.close, root_tree)
+            regs: list[MachineRegistration | None] = []
+            stack.callback(self._close_registration, regs)
             try:
                 cfg = child_config(
                     self.spec,
@@ -267,7 +270,10 @@ class Supervisor:
                     die_with_supervisor=self.die_with_supervisor,
                     root_tree=root_tree,
                 )
-                self.child = child = spawn(cfg)
+                # Connecting to the bus (and importing its module) overlaps the
+                # setup child's unshare and fork of PID 1.
+                self.child = child = spawn(cfg, meanwhile=lambda: regs.append(
+                    self._begin_registration()))
             except SpawnError as e:
                 self.on_error(str(e))
                 return 1
@@ -277,18 +283,32 @@ class Supervisor:
             c.name = c.name or self.spec.machine or f"pflask-{child.leader}"
             if pty is not None:
                 pty.close_slave()
+            reg = regs[0] if regs else None
             try:
                 write_id_maps(child.leader, self.spec)
                 await self._setup_network(stack)
-                propagate = await self._register(stack)
+                if reg is not None and not await self._check_registration(reg):
+                    reg = None
                 late = cfg.cgroupns and cfg.cgroup_late
-                if not late:
-                    self._own_cgroup(stack)
-                # PID 1 makes its mounts meanwhile; it roots its cgroup
-                # namespace only once cgroup_ready() says where it sits.
-                child.go(propagate, more=late)
-                if late:
+                if late and reg is not None:
+                    # PID 1 assembles its root while systemd makes the scope
+                    # (nspawn does so before it asks); it waits at
+                    # cgroup_ready() for its cgroup namespace, so nothing of
+                    # the container runs before it is registered.
+                    child.go(self._propagate_dir(stack), more=True)
+                    await self._register(stack, reg, child)
                     await self._own_cgroup_late(stack, child)
+                else:
+                    propagate = None
+                    if reg is not None and await self._register(stack, reg, child):
+                        propagate = self._propagate_dir(stack)
+                    if not late:
+                        self._own_cgroup(stack)
+                    # PID 1 makes its mounts meanwhile; it roots its cgroup
+                    # namespace only once cgroup_ready() says where it sits.
+                    child.go(propagate, more=late)
+                    if late:
+                        await self._own_cgroup_late(stack, child)
             except SpawnError as e:
                 self.on_error(str(e))
                 return 1
@@ -451,8 +471,8 @@ class Supervisor:
         stack.push_async_callback(links.teardown)
         self.ifindices = links.host_ifindices
 
-    async def _register(self, stack: contextlib.AsyncExitStack) -> str | None:
-        """Scope + machined registration; returns the propagation dir for `machinectl bind`."""
+    def _begin_registration(self) -> MachineRegistration | None:
+        """Connect to the system bus, if this container is to be registered."""
         if not self.spec.register:
             return None
         from machinepy.core import sd
@@ -462,15 +482,36 @@ class Supervisor:
             return None
         from machinepy.integrate import machined
 
-        c = self.container
         if self.spec.machine_id is None:
-            self.spec = c.spec = with_machine_id(self.spec)
+            self.spec = self.container.spec = with_machine_id(self.spec)
         try:
-            reg = await machined.MachineRegistration.connect()
+            return machined.MachineRegistration.begin(self.loop)
         except machined.RegistrationUnavailable as e:
             warn(f"not registering with systemd-machined: {e}")
             return None
-        stack.push_async_callback(reg.close)
+
+    @staticmethod
+    def _close_registration(regs: list[MachineRegistration | None]) -> None:
+        for reg in regs:
+            if reg is not None:
+                reg.close()
+
+    async def _check_registration(self, reg: MachineRegistration) -> bool:
+        from machinepy.integrate import machined
+
+        try:
+            await reg.check()
+        except machined.RegistrationUnavailable as e:
+            warn(f"not registering with systemd-machined: {e}")
+            return False
+        return True
+
+    async def _register(self, stack: contextlib.AsyncExitStack, reg: MachineRegistration,
+                        child: Spawned) -> bool:
+        """Scope + machined registration; False: running unregistered (a user's)."""
+        from machinepy.integrate import machined
+
+        c = self.container
         try:
             c.unit = await reg.register(
                 name=c.name, machine_id=self.spec.machine_id, leader=c.leader,
@@ -484,19 +525,30 @@ class Supervisor:
                 props = " (its --property settings are not applied)" if \
                     self.spec.properties else ""
                 warn(f"not registering machine '{c.name}' with systemd-machined: {e}{props}")
-                return None
-            raise SpawnError(f"registering machine '{c.name}': {e}") from None
+                return False
+            child.cancel_go()  # a PID 1 already making its mounts ends there
+            # It may have failed first (and gone, so no scope could take it).
+            reason = await self._read_setup_errors(child)
+            raise SpawnError(reason or f"registering machine '{c.name}': {e}") from None
         stack.push_async_callback(self._unregister, reg)
         c.registered = True
-        if self.spec.root is None:
+        return True
+
+    def _propagate_dir(self, stack: contextlib.AsyncExitStack) -> str | None:
+        """The directory `machinectl bind` mounts into (root's containers with a root)."""
+        if self.spec.root is None or os.geteuid() != 0:
             return None
         sweep_propagate_dirs()
-        propagate = os.path.join(PROPAGATE_DIR, c.name)
-        os.makedirs(propagate, exist_ok=True)
+        propagate = os.path.join(PROPAGATE_DIR, self.container.name)
+        try:
+            os.makedirs(propagate, exist_ok=True)
+        except OSError as e:
+            warn(f"no `machinectl bind` for this container: {propagate}: {e.strerror}")
+            return None
         stack.callback(self._remove_propagate, propagate)
         # Owned by whatever outlives the other: a daemon's container outlives its
         # supervisor, and its dir must survive the daemon's stop.
-        owner = os.getpid() if self.die_with_supervisor else c.leader
+        owner = os.getpid() if self.die_with_supervisor else self.container.leader
         with contextlib.suppress(OSError):
             os.setxattr(propagate, PROPAGATE_OWNER_XATTR, _process_key(owner))
         return propagate
@@ -551,8 +603,8 @@ class Supervisor:
         except cgroup.CgroupError as e:
             raise SpawnError(str(e)) from None
 
-    async def _unregister(self, reg: object) -> None:
-        await reg.unregister()  # type: ignore[attr-defined]
+    async def _unregister(self, reg: MachineRegistration) -> None:
+        await reg.unregister()
         self.container.registered = False
 
     @staticmethod
