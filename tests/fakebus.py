@@ -15,7 +15,6 @@ job, errors from any method, a scope that is never collected.  Needs only
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import selectors
 import shutil
 import subprocess
@@ -23,20 +22,18 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 from xml.sax.saxutils import escape
 
-from dbus_fast import DBusError, Message, MessageType
-from dbus_fast.aio import MessageBus
-from dbus_fast.annotations import (
-    DBusBytes,
-    DBusInt32,
-    DBusObjectPath,
-    DBusSignature,
-    DBusStr,
-    DBusUInt32,
+from machinepy.integrate.dbus import (
+    BusError,
+    Connection,
+    Received,
+    bus_call,
+    error_reply,
+    method_return,
+    signal,
 )
-from dbus_fast.service import ServiceInterface, dbus_method
 
 START_TIMEOUT = 5.0  # for dbus-daemon to print its address, and to exit
 
@@ -46,11 +43,6 @@ MANAGER = "org.freedesktop.systemd1.Manager"
 SCOPE = "org.freedesktop.systemd1.Scope"
 MACHINED_NAME = "org.freedesktop.machine1"
 MACHINED_PATH = "/org/freedesktop/machine1"
-
-# Signatures of the arguments that are not a single basic type.
-Properties = Annotated[list[Any], DBusSignature("a(sv)")]
-AuxUnits = Annotated[list[Any], DBusSignature("a(sa(sv))")]
-IfIndices = Annotated[list[int], DBusSignature("ai")]
 
 CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
  "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
@@ -153,35 +145,66 @@ class Unit:
 
 def plain_properties(props: list[Any]) -> list[tuple[str, str, Any]]:
     """a(sv) as received → [(name, signature, value)], in order."""
-    return [(name, v.signature, v.value) for name, v in props]
+    return [(name, sig, value) for name, (sig, value) in props]
 
 
-class _Fake(ServiceInterface):
+def dbus_method(signature: str, returns: str = "") -> Callable[[Any], Any]:
+    """Marks a fake's method: the signature it takes, and the one of its answer."""
+    def mark(fn: Any) -> Any:
+        fn.dbus = (signature, returns)
+        return fn
+
+    return mark
+
+
+class _Fake:
     """Shared by both fakes: the connection, the call log and configurable errors."""
 
     service = ""
+    path = ""
 
     def __init__(self, interface: str, log: list[Call]) -> None:
-        super().__init__(interface)
+        self.interface = interface
         self.log = log
-        self.bus: MessageBus | None = None
+        self.bus: Connection | None = None
         # member → (D-Bus error name, text): that method fails instead.
         self.errors: dict[str, tuple[str, str]] = {}
+
+    def handle(self, msg: Received) -> bool:
+        """Method calls to our object, answered as dbus-fast's ServiceInterface did."""
+        if msg.type.name != "method_call" or msg.path != self.path or \
+                msg.interface not in (None, self.interface):
+            return False
+        assert self.bus is not None
+        method = getattr(self, msg.member or "", None)
+        spec = getattr(method, "dbus", None)
+        if method is None or spec is None:
+            self.bus.send(error_reply(msg, "org.freedesktop.DBus.Error.UnknownMethod",
+                                      f"no method {msg.member}"))
+            return True
+        if msg.signature != spec[0]:
+            self.bus.send(error_reply(msg, "org.freedesktop.DBus.Error.InvalidArgs",
+                                      f"{msg.member} takes '{spec[0]}'"))
+            return True
+        try:
+            result = method(*msg.body)
+        except BusError as e:
+            self.bus.send(error_reply(msg, e.name, e.text))
+            return True
+        self.bus.send(method_return(msg, spec[1], (result,) if spec[1] else ()))
+        return True
 
     def _record(self, member: str, *args: Any) -> None:
         self.log.append(Call(self.service, member, args))
         if member in self.errors:
-            raise DBusError(*self.errors[member])
+            raise BusError(*self.errors[member])
 
     def emit(self, path: str, interface: str, member: str, signature: str = "",
              body: list[Any] | None = None, destination: str | None = None) -> None:
         """Queue a signal now: anything queued later on this connection arrives after it."""
         assert self.bus is not None
-        sent = self.bus.send(Message(
-            message_type=MessageType.SIGNAL, destination=destination, path=path,
-            interface=interface, member=member, signature=signature, body=body or []))
-        # A send failing on a closing connection is of no interest to the test.
-        sent.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self.bus.send(signal(path, interface, member, signature, body or [],
+                             destination=destination))
 
 
 JobRemovedWhen = Literal["before-reply", "after-reply", "later", "never"]
@@ -191,6 +214,7 @@ class FakeSystemd(_Fake):
     """org.freedesktop.systemd1.Manager, the parts a container's scope needs."""
 
     service = "systemd"
+    path = SYSTEMD_PATH
 
     def __init__(self, log: list[Call]) -> None:
         super().__init__(MANAGER, log)
@@ -210,22 +234,19 @@ class FakeSystemd(_Fake):
     def _unit(self, name: str) -> Unit:
         unit = self.units.get(name)
         if unit is None:
-            raise DBusError("org.freedesktop.systemd1.NoSuchUnit", f"Unit {name} not loaded.")
+            raise BusError("org.freedesktop.systemd1.NoSuchUnit", f"Unit {name} not loaded.")
         return unit
 
-    # Methods without a reply value carry no return annotation: dbus-fast reads
-    # annotations as D-Bus signatures, and None is not one.
-
-    @dbus_method()
-    def Subscribe(self):
+    @dbus_method("")
+    def Subscribe(self) -> None:
         self._record("Subscribe")
 
-    @dbus_method()
-    def StartTransientUnit(self, name: DBusStr, mode: DBusStr, properties: Properties,
-                           aux: AuxUnits) -> DBusObjectPath:
+    @dbus_method("ssa(sv)a(sa(sv))", "o")
+    def StartTransientUnit(self, name: str, mode: str, properties: list[Any],
+                           aux: list[Any]) -> str:
         self._record("StartTransientUnit", name, mode, properties, aux)
         if name in self.units:
-            raise DBusError("org.freedesktop.systemd1.UnitExists", f"Unit {name} already exists.")
+            raise BusError("org.freedesktop.systemd1.UnitExists", f"Unit {name} already exists.")
         props = plain_properties(properties)
         controller = next((v for n, s, v in props if n == "Controller"), None)
         self.units[name] = Unit(name, unit_object_path(name), props, controller)
@@ -238,7 +259,7 @@ class FakeSystemd(_Fake):
         finish = self._finisher(job_id, job, name)
         loop = asyncio.get_running_loop()
         if self.job_removed == "before-reply":
-            finish()  # queued ahead of the reply dbus-fast sends when we return
+            finish()  # queued ahead of the reply sent when we return
         elif self.job_removed == "after-reply":
             loop.call_soon(finish)
         elif self.job_removed == "later":
@@ -256,23 +277,23 @@ class FakeSystemd(_Fake):
 
         return finish
 
-    @dbus_method()
-    def GetUnit(self, name: DBusStr) -> DBusObjectPath:
+    @dbus_method("s", "o")
+    def GetUnit(self, name: str) -> str:
         self._record("GetUnit", name)
         return self._unit(name).path
 
-    @dbus_method()
-    def KillUnit(self, name: DBusStr, whom: DBusStr, signal: DBusInt32):
+    @dbus_method("ssi")
+    def KillUnit(self, name: str, whom: str, signal: int) -> None:
         self._record("KillUnit", name, whom, signal)
         self._unit(name)
 
-    @dbus_method()
-    def AbandonScope(self, name: DBusStr):
+    @dbus_method("s")
+    def AbandonScope(self, name: str) -> None:
         self._record("AbandonScope", name)
         self._unit(name)
 
-    @dbus_method()
-    def UnrefUnit(self, name: DBusStr):
+    @dbus_method("s")
+    def UnrefUnit(self, name: str) -> None:
         self._record("UnrefUnit", name)
         unit = self._unit(name)
         if self.collect_after is not None:
@@ -294,6 +315,7 @@ class FakeMachined(_Fake):
     """org.freedesktop.machine1.Manager: registration only."""
 
     service = "machined"
+    path = MACHINED_PATH
 
     def __init__(self, log: list[Call]) -> None:
         super().__init__("org.freedesktop.machine1.Manager", log)
@@ -303,31 +325,30 @@ class FakeMachined(_Fake):
         self._record(member, *args)
         name = args[0]
         if name in self.machines:
-            raise DBusError("org.freedesktop.machine1.MachineExists",
-                            f"Machine '{name}' already exists")
+            raise BusError("org.freedesktop.machine1.MachineExists",
+                           f"Machine '{name}' already exists")
         self.machines[name] = args
         return f"{MACHINED_PATH}/machine/{object_path_label(name)}"
 
-    @dbus_method()
-    def RegisterMachine(self, name: DBusStr, id: DBusBytes, service: DBusStr,
-                        klass: DBusStr, leader: DBusUInt32,
-                        root_directory: DBusStr) -> DBusObjectPath:
+    @dbus_method("sayssus", "o")
+    def RegisterMachine(self, name: str, id: bytes, service: str, klass: str, leader: int,
+                        root_directory: str) -> str:
         return self._register("RegisterMachine", name, id, service, klass, leader,
                               root_directory)
 
-    @dbus_method()
-    def RegisterMachineWithNetwork(self, name: DBusStr, id: DBusBytes, service: DBusStr,
-                                   klass: DBusStr, leader: DBusUInt32, root_directory: DBusStr,
-                                   ifindices: IfIndices) -> DBusObjectPath:
+    @dbus_method("sayssusai", "o")
+    def RegisterMachineWithNetwork(self, name: str, id: bytes, service: str, klass: str,
+                                   leader: int, root_directory: str,
+                                   ifindices: list[int]) -> str:
         return self._register("RegisterMachineWithNetwork", name, id, service, klass, leader,
                               root_directory, ifindices)
 
-    @dbus_method()
-    def UnregisterMachine(self, name: DBusStr):
+    @dbus_method("s")
+    def UnregisterMachine(self, name: str) -> None:
         self._record("UnregisterMachine", name)
         if self.machines.pop(name, None) is None:
-            raise DBusError("org.freedesktop.machine1.NoSuchMachine",
-                            f"No machine '{name}' known")
+            raise BusError("org.freedesktop.machine1.NoSuchMachine",
+                           f"No machine '{name}' known")
 
 
 @dataclass
@@ -340,7 +361,7 @@ class FakeSystem:
     systemd: FakeSystemd = field(init=False)
     machined: FakeMachined = field(init=False)
     daemon: PrivateBus = field(default_factory=PrivateBus)
-    _buses: list[MessageBus] = field(default_factory=list)
+    _buses: list[Connection] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.systemd = FakeSystemd(self.log)
@@ -364,15 +385,14 @@ class FakeSystem:
 
     async def __aexit__(self, *exc: object) -> None:
         for bus in reversed(self._buses):
-            bus.disconnect()
-            with contextlib.suppress(Exception):
-                await bus.wait_for_disconnect()
+            bus.close()
         self._buses.clear()
         self.daemon.stop()
 
-    async def connect(self) -> MessageBus:
-        """Another peer on the bus, closed with the rest."""
-        bus = await MessageBus(bus_address=self.address).connect()
+    async def connect(self) -> Connection:
+        """Another peer on the bus, on the running loop, closed with the rest."""
+        bus = Connection.open(self.address)
+        bus.attach(asyncio.get_running_loop())
         self._buses.append(bus)
         return bus
 
@@ -381,15 +401,13 @@ class FakeSystem:
         old = self.systemd.bus
         assert old is not None
         self._buses.remove(old)
-        old.disconnect()
-        with contextlib.suppress(Exception):
-            await old.wait_for_disconnect()
+        old.close()
         await self._serve(self.systemd, SYSTEMD_NAME, SYSTEMD_PATH)
 
     async def _serve(self, fake: _Fake, name: str, path: str) -> None:
         fake.bus = await self.connect()
-        fake.bus.export(path, fake)
-        await fake.bus.request_name(name)
+        fake.bus.add_handler(fake.handle)
+        await fake.bus.call(bus_call("RequestName", "su", [name, 0]))
 
     def calls(self, member: str) -> list[tuple[Any, ...]]:
         return [c.args for c in self.log if c.member == member]
@@ -401,16 +419,15 @@ class FakeSystem:
 class MessageTrace:
     """What a client connection received, in order: to check which came first."""
 
-    def __init__(self, bus: MessageBus) -> None:
+    def __init__(self, bus: Connection) -> None:
         self.seen: list[tuple[str, Any]] = []
-        bus.add_message_handler(self._on_message)
+        bus.trace = self._on_message
 
-    def _on_message(self, msg: Message) -> None:
-        if msg.message_type == MessageType.SIGNAL:
+    def _on_message(self, msg: Received) -> None:
+        if msg.type.name == "signal":
             self.seen.append((msg.member, list(msg.body)))
-        elif msg.message_type == MessageType.METHOD_RETURN:
+        elif msg.type.name == "method_return":
             self.seen.append(("reply", list(msg.body)))
-        # None: leave the message to the other handlers.
 
     def index(self, kind: str, arg: object) -> int:
         """Position of the first `kind` ("reply" or a signal's member) carrying `arg`."""
@@ -418,4 +435,3 @@ class MessageTrace:
             if k == kind and arg in body:
                 return i
         raise LookupError(f"no {kind} with {arg!r} in {self.seen}")
-

@@ -13,6 +13,7 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
+
 import pytest
 from jeepney.low_level import (
     Endianness,
@@ -40,10 +41,7 @@ from machinepy.integrate.dbus import (
     method_return,
     signal,
 )
-try:
-    from machinepy.runtime.loop import MiniLoop
-except ImportError:  # PHASE1
-    from machinepy.loop import MiniLoop  # type: ignore[no-redef]
+from machinepy.runtime.loop import MiniLoop
 from tests.fakebus import PrivateBus
 
 

@@ -17,8 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dbus_fast import Message, MessageType
-from dbus_fast.aio import MessageBus
 
 from machinepy.core import sd
 from machinepy.core.sd import (
@@ -30,6 +28,8 @@ from machinepy.core.sd import (
 )
 from machinepy.core.unitprops import accounting_property, parse_property
 from machinepy.integrate import machined
+from machinepy.integrate.dbus import PEER, Connection, bus_call, method_call
+from machinepy.integrate.dbus import signal as new_signal
 from machinepy.integrate.machined import (
     MachineRegistration,
     RegistrationError,
@@ -60,9 +60,9 @@ async def system(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeSystem]:
 
 @pytest.fixture
 async def reg(system: FakeSystem) -> AsyncIterator[MachineRegistration]:
-    registration = await MachineRegistration.connect()
+    registration = await MachineRegistration.connect(asyncio.get_running_loop())
     yield registration
-    await registration.close()
+    registration.close()
 
 
 async def register(reg: MachineRegistration, **kwargs: Any) -> str:
@@ -89,11 +89,10 @@ def counter() -> tuple[list[None], asyncio.Event, Callable[[], None]]:
     return calls, called, on_request_stop
 
 
-async def round_trip(bus: MessageBus, peer: str) -> None:
+async def round_trip(bus: Connection, peer: str) -> None:
     """A Ping to `peer` and back: whatever `bus` sent it before has been handled."""
-    reply = await bus.call(Message(destination=peer, path="/",
-                                   interface="org.freedesktop.DBus.Peer", member="Ping"))
-    assert reply.message_type == MessageType.METHOD_RETURN
+    reply = await bus.call(method_call(peer, "/", PEER, "Ping"))
+    assert reply.type.name == "method_return"
 
 
 # -- names ------------------------------------------------------------------
@@ -161,13 +160,11 @@ async def test_connect_without_a_bus(monkeypatch: pytest.MonkeyPatch, tmp_path: 
         address = "not an address" if kind == "garbage" else f"unix:path={path}"
         monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", address)
         with pytest.raises(RegistrationUnavailable, match="cannot connect to the system bus"):
-            await MachineRegistration.connect()
+            await MachineRegistration.connect(asyncio.get_running_loop())
 
 
-async def list_names(bus: MessageBus) -> set[str]:
-    reply = await bus.call(Message(destination="org.freedesktop.DBus",
-                                   path="/org/freedesktop/DBus",
-                                   interface="org.freedesktop.DBus", member="ListNames"))
+async def list_names(bus: Connection) -> set[str]:
+    reply = await bus.call(bus_call("ListNames"))
     return set(reply.body[0])
 
 
@@ -181,7 +178,7 @@ async def test_connect_without_systemd_or_machined(monkeypatch: pytest.MonkeyPat
         before = await list_names(peer)
         with pytest.raises(RegistrationUnavailable,
                            match=rf"org\.freedesktop\.{missing} is not on the system bus"):
-            await MachineRegistration.connect()
+            await MachineRegistration.connect(asyncio.get_running_loop())
         # Its connection was closed again: no stray unique name left on the bus.
         deadline = time.monotonic() + QUICK
         while await list_names(peer) != before:
@@ -204,7 +201,7 @@ async def test_register_sends_the_scope_then_the_machine(system: FakeSystem,
     assert values["Delegate"] == ("b", True)
     assert values["Description"] == ("s", "Container deb-x")
     assert values["AddRef"] == ("b", True)
-    assert values["Controller"] == ("s", reg.bus.unique_name)
+    assert values["Controller"] == ("s", reg.conn.unique_name)
     assert values["DevicePolicy"] == ("s", "closed")
     assert values["DeviceAllow"] == ("a(ss)", [("/dev/net/tun", "rwm"), ("char-pts", "rw")])
     assert "KillSignal" not in values and "KillMode" not in values  # only for boot
@@ -213,7 +210,7 @@ async def test_register_sends_the_scope_then_the_machine(system: FakeSystem,
     assert system.members() == ["Subscribe", "StartTransientUnit", "RegisterMachine"]
     assert system.calls("RegisterMachine") == [
         (NAME, MACHINE_ID.bytes, "machinepy", "container", LEADER, "/srv/deb")]
-    assert system.systemd.units[UNIT].controller == reg.bus.unique_name
+    assert system.systemd.units[UNIT].controller == reg.conn.unique_name
 
 
 async def test_boot_kills_with_sigrtmin_3_and_mixed_mode(system: FakeSystem,
@@ -238,7 +235,7 @@ async def test_job_removed_before_or_after_the_reply(system: FakeSystem,
                                                      reg: MachineRegistration,
                                                      when: str) -> None:
     system.systemd.job_removed = when  # type: ignore[assignment]
-    trace = MessageTrace(reg.bus)
+    trace = MessageTrace(reg.conn)
     assert await register(reg) == UNIT
     signal_at = trace.index("JobRemoved", UNIT)
     job = trace.seen[signal_at][1][1]
@@ -299,12 +296,12 @@ async def test_register_machine_fails(system: FakeSystem, reg: MachineRegistrati
 async def test_scope_already_exists(system: FakeSystem, reg: MachineRegistration) -> None:
     # Another container of that name: its scope is not ours to kill.
     await register(reg)
-    other = await MachineRegistration.connect()
+    other = await MachineRegistration.connect(asyncio.get_running_loop())
     try:
         with pytest.raises(RegistrationError, match=r"creating .*: Unit .* already exists"):
             await register(other, leader=LEADER + 1)
     finally:
-        await other.close()
+        other.close()
     assert system.calls("KillUnit") == system.calls("UnrefUnit") == []
     assert UNIT in system.systemd.units
     assert other.unit is None
@@ -344,9 +341,8 @@ async def test_request_stop_from_anyone_else_is_ignored(system: FakeSystem,
     calls, called, on_request_stop = counter()
     await register(reg, on_request_stop=on_request_stop)
     peer = await system.connect()
-    await peer.send(Message(message_type=MessageType.SIGNAL, destination=reg.bus.unique_name,
-                            path=UNIT_PATH, interface=SCOPE, member="RequestStop"))
-    await round_trip(peer, reg.bus.unique_name)
+    peer.send(new_signal(UNIT_PATH, SCOPE, "RequestStop", destination=reg.conn.unique_name))
+    await round_trip(peer, reg.conn.unique_name)
     system.systemd.request_stop(UNIT)
     await asyncio.wait_for(called.wait(), QUICK)
     assert len(calls) == 1
@@ -374,7 +370,7 @@ async def test_no_request_stop_after_unregister(system: FakeSystem, reg: Machine
     await reg.unregister()
     system.systemd.request_stop(UNIT)
     assert system.systemd.bus is not None
-    await round_trip(system.systemd.bus, reg.bus.unique_name)
+    await round_trip(system.systemd.bus, reg.conn.unique_name)
     await asyncio.sleep(0.05)
     assert calls == []
 

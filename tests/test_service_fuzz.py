@@ -13,16 +13,18 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
-from dbus_fast import Message, MessageFlag, MessageType, Variant
-from dbus_fast.aio import MessageBus
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from jeepney.low_level import Array, DictEntry, Message, Struct, parse_signature, simple_types
+from jeepney.low_level import Variant as VariantType
 
+from machinepy.integrate import dbus
+from machinepy.integrate.dbus import BusError, Connection, bus_call, method_call
 from machinepy.service.manager import (
     BUS_NAME,
     CONTAINER_IFACE,
@@ -38,21 +40,33 @@ __all__ = ["bus_address"]  # the fixture, shared
 
 SERVICE = textwrap.dedent("""
     import asyncio, sys
-    from dbus_fast.aio import MessageBus
+    from machinepy.integrate.dbus import Connection
     from machinepy.service.manager import Service
 
     async def main():
-        bus = await MessageBus(bus_address=sys.argv[1], negotiate_unix_fd=True).connect()
+        bus = Connection.open(sys.argv[1], fds=True)
         svc = Service(bus)
         async def nobody(sender):
             return 65534
         svc.caller_uid = nobody
         await svc.start()
         print("ready", flush=True)
-        await bus.wait_for_disconnect()
+        gone = asyncio.get_running_loop().create_future()
+        bus.on_close(lambda: gone.set_result(None))
+        await gone
 
     asyncio.run(main())
 """)
+
+
+def Variant(signature: str, value: Any) -> tuple[str, Any]:
+    return (signature, value)
+
+
+def connect(address: str) -> Connection:
+    bus = Connection.open(address, fds=True)
+    bus.attach(asyncio.get_running_loop())
+    return bus
 
 
 @pytest.fixture
@@ -80,56 +94,59 @@ def rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-async def _call(bus: MessageBus, msg: Message) -> Message:
-    async with asyncio.timeout(TIMEOUT):
-        reply = await bus.call(msg)
-    assert reply is not None
-    return reply
+class Answer:
+    """A reply, error or not (an error is what most of these calls must get)."""
+
+    def __init__(self, kind: str, error_name: str | None, body: list[Any]) -> None:
+        self.kind, self.error_name, self.body = kind, error_name, body
 
 
-async def _settle(bus: MessageBus) -> None:
+async def _call(bus: Connection, msg: Message, fds: Sequence[int] = ()) -> Answer:
+    try:
+        reply = await bus.call(msg, timeout=TIMEOUT, fds=fds)
+    except BusError as e:
+        assert e.name != dbus.TIMEOUT, e  # answered, not timed out here
+        return Answer("error", e.name, [e.text] if e.text else [])
+    return Answer("method_return", None, list(reply.body))
+
+
+async def _settle(bus: Connection) -> None:
     """One round trip: the service has handled everything we sent before."""
-    reply = await _call(bus, Message(destination=BUS_NAME, path=MANAGER_PATH,
-                                     interface=MANAGER_IFACE, member="ListContainers"))
-    assert reply.message_type == MessageType.METHOD_RETURN
+    reply = await _call(bus, method_call(BUS_NAME, MANAGER_PATH, MANAGER_IFACE,
+                                         "ListContainers"))
+    assert reply.kind == "method_return"
 
 
 async def test_fds_sent_with_calls_and_signals_are_closed(bus_address: str,
                                                           service_pid: int) -> None:
-    bus = await MessageBus(bus_address=bus_address, negotiate_unix_fd=True).connect()
+    bus = connect(bus_address)
     r, w = os.pipe()
     try:
         await _settle(bus)
         before = fd_count(service_pid)
         for _ in range(100):  # answered: a method return
-            reply = await _call(bus, Message(destination=BUS_NAME, path=MANAGER_PATH,
-                                             interface=MANAGER_IFACE, member="ListContainers",
-                                             unix_fds=[r]))
-            assert reply.message_type == MessageType.METHOD_RETURN
+            reply = await _call(bus, method_call(BUS_NAME, MANAGER_PATH, MANAGER_IFACE,
+                                                 "ListContainers"), fds=[r])
+            assert reply.kind == "method_return"
         for path, iface, member, sig, body in (
                 (MANAGER_PATH, MANAGER_IFACE, "GetContainer", "s", ["nope"]),  # an error
-                (MANAGER_PATH, MANAGER_IFACE, "GetContainer", "h", [0]),  # bad signature
+                (MANAGER_PATH, MANAGER_IFACE, "GetContainer", "h", [r]),  # bad signature
                 (MANAGER_PATH, MANAGER_IFACE, "OpenConsole", "s", ["x"]),  # denied
-                (MANAGER_PATH, "org.freedesktop.DBus.Peer", "Ping", "", []),  # dbus-fast's
+                (MANAGER_PATH, "org.freedesktop.DBus.Peer", "Ping", "", []),  # the connection's
                 ("/elsewhere", "x.y", "Z", "", []),  # not our object
+                (MANAGER_PATH, MANAGER_IFACE, "GetContainer", "(sh)", [("x", r)]),  # nested
+                (MANAGER_PATH, MANAGER_IFACE, "GetContainer", "v", [("ah", [r, r])]),
                 (container_path("nope"), CONTAINER_IFACE, "Poweroff", "", [])):
-            reply = await _call(bus, Message(destination=BUS_NAME, path=path, interface=iface,
-                                             member=member, signature=sig, body=body,
-                                             unix_fds=[r]))
+            reply = await _call(bus, method_call(BUS_NAME, path, iface, member, sig, body),
+                                fds=[r])
         # No reply expected, and a signal sent straight to the service.
-        owner = (await _call(bus, Message(
-            destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
-            interface="org.freedesktop.DBus", member="GetNameOwner", signature="s",
-            body=[BUS_NAME]))).body[0]
+        owner = (await _call(bus, bus_call("GetNameOwner", "s", [BUS_NAME]))).body[0]
         for _ in range(10):
-            await bus.send(Message(destination=BUS_NAME, path=MANAGER_PATH,
-                                   interface=MANAGER_IFACE, member="ListContainers",
-                                   flags=MessageFlag.NO_REPLY_EXPECTED, unix_fds=[r]))
-            await bus.send(Message.new_signal(MANAGER_PATH, MANAGER_IFACE, "Spoof", "h", [0],
-                                              unix_fds=[r]))
-            await bus.send(Message(destination=owner, path="/x", interface="x.y",
-                                   member="Sig", message_type=MessageType.SIGNAL,
-                                   signature="h", body=[0], unix_fds=[r]))
+            bus.send(method_call(BUS_NAME, MANAGER_PATH, MANAGER_IFACE, "ListContainers",
+                                 no_reply=True), fds=[r])
+            bus.send(dbus.signal(MANAGER_PATH, MANAGER_IFACE, "Spoof", "h", [r]))
+            bus.send(dbus.signal("/x", "x.y", "Sig", "a{sv}", [{"fd": ("h", r)}],
+                                destination=owner))
         await _settle(bus)
         await asyncio.sleep(0.1)  # the no-reply calls are dispatched as tasks
         await _settle(bus)
@@ -137,11 +154,11 @@ async def test_fds_sent_with_calls_and_signals_are_closed(bus_address: str,
     finally:
         os.close(r)
         os.close(w)
-        bus.disconnect()
+        bus.close()
 
 
 def as_nobody(fn: Any) -> int:
-    """Run FN() in a forked child as uid/gid 65534 (the interpreter, with dbus-fast,
+    """Run FN() in a forked child as uid/gid 65534 (the interpreter, with jeepney,
     is under root's home, which nobody cannot read: so fork, don't exec)."""
     pid = os.fork()
     if pid == 0:
@@ -162,13 +179,12 @@ def test_nobody_cannot_grow_the_fd_table(bus_address: str, service_pid: int) -> 
     # The issue's reproducer: as nobody, 100 calls of ListContainers with an fd each.
     async def client() -> None:
         assert os.getuid() == NOBODY
-        bus = await MessageBus(bus_address=bus_address, negotiate_unix_fd=True).connect()
+        bus = connect(bus_address)
         r, _ = os.pipe()
         for _ in range(100):
-            reply = await _call(bus, Message(destination=BUS_NAME, path=MANAGER_PATH,
-                                             interface=MANAGER_IFACE, member="ListContainers",
-                                             unix_fds=[r]))
-            assert reply.message_type == MessageType.METHOD_RETURN
+            reply = await _call(bus, method_call(BUS_NAME, MANAGER_PATH, MANAGER_IFACE,
+                                                 "ListContainers"), fds=[r])
+            assert reply.kind == "method_return"
 
     r = busctl(bus_address, "call", BUS_NAME, MANAGER_PATH, MANAGER_IFACE, "ListContainers")
     assert r.returncode == 0, r.stderr
@@ -225,7 +241,7 @@ def typed(nfds: int, depth: int = 3) -> st.SearchStrategy[tuple[str, Any]]:
         return _value(f"a{sig}", nfds).map(lambda v: (f"a{sig}", v))
 
     def struct(items: list[tuple[str, Any]]) -> tuple[str, Any]:
-        return "(" + "".join(s for s, _ in items) + ")", [v for _, v in items]
+        return "(" + "".join(s for s, _ in items) + ")", tuple(v for _, v in items)
 
     def dict_(key: str, val: tuple[str, Any]) -> st.SearchStrategy[tuple[str, Any]]:
         return st.dictionaries(_basic(key, nfds), _value(val[0], nfds),
@@ -240,28 +256,47 @@ def typed(nfds: int, depth: int = 3) -> st.SearchStrategy[tuple[str, Any]]:
     )
 
 
-def _value(sig: str, nfds: int) -> st.SearchStrategy[Any]:
-    from dbus_fast.signature import SignatureTree
+CODES = {id(t): c for c, t in simple_types.items()}
 
-    return _from_type(SignatureTree(sig).types[0], nfds)
+
+def _value(sig: str, nfds: int) -> st.SearchStrategy[Any]:
+    return _from_type(parse_signature(list(sig)), nfds)
 
 
 def _from_type(t: Any, nfds: int) -> st.SearchStrategy[Any]:
-    code = t.token
-    if code in BASIC:
-        return _basic(code, nfds)
-    if code == "v":
+    """Values of jeepney's type T: structs as tuples, 'h' as an index into the fds."""
+    if isinstance(t, VariantType):
         return st.sampled_from([Variant("s", "x"), Variant("i", 1), Variant("as", ["a"])])
-    if code == "(":
-        return st.tuples(*(_from_type(c, nfds) for c in t.children)).map(list)
-    assert code == "a"
-    child = t.children[0]
-    if child.token == "{":
-        return st.dictionaries(_from_type(child.children[0], nfds),
-                               _from_type(child.children[1], nfds), max_size=3)
-    if child.token == "y":
-        return st.binary(max_size=16)
-    return st.lists(_from_type(child, nfds), max_size=3)
+    if isinstance(t, Array):
+        child = t.elt_type
+        if isinstance(child, DictEntry):
+            return st.dictionaries(_from_type(child.fields[0], nfds),
+                                   _from_type(child.fields[1], nfds), max_size=3)
+        if child is simple_types["y"]:
+            return st.binary(max_size=16)
+        return st.lists(_from_type(child, nfds), max_size=3)
+    if isinstance(t, Struct):
+        return st.tuples(*(_from_type(c, nfds) for c in t.fields))
+    return _basic(CODES[id(t)], nfds)
+
+
+def with_fds(sig: str, body: list[Any], fds: list[int]) -> list[Any]:
+    """BODY with each 'h' (an index, as drawn) replaced by that fd."""
+    def walk(t: Any, v: Any) -> Any:
+        if isinstance(t, VariantType):
+            return (v[0], walk(parse_signature(list(v[0])), v[1]))
+        if isinstance(t, Array):
+            child = t.elt_type
+            if isinstance(child, DictEntry):
+                return {walk(child.fields[0], k): walk(child.fields[1], x) for k, x in v.items()}
+            if isinstance(v, bytes):
+                return v
+            return [walk(child, x) for x in v]
+        if isinstance(t, Struct):
+            return tuple(walk(f, x) for f, x in zip(t.fields, v, strict=True))
+        return fds[v] if t is simple_types["h"] else v
+
+    return list(walk(parse_signature(list(f"({sig})")), tuple(body)))
 
 
 MEMBERS = sorted({m.name for m in (*MANAGER_METHODS, *CONTAINER_METHODS)} |
@@ -270,15 +305,17 @@ MEMBERS = sorted({m.name for m in (*MANAGER_METHODS, *CONTAINER_METHODS)} |
 SUCCEEDS = {("ListContainers", ""), ("Introspect", ""), ("GetAll", "s"), ("Get", "ss")}
 
 
+Call = tuple[str, str | None, str, str, list[Any], int]  # path iface member sig body nfds
+
+
 @st.composite
-def calls(draw: st.DrawFn) -> tuple[Message, list[int]]:
+def calls(draw: st.DrawFn) -> Call:
     nfds = draw(st.integers(0, 3))
     if draw(st.booleans()):  # the right signature, random values: past the type check
         method = draw(st.sampled_from([m for m in MANAGER_METHODS if m.args]))
         body = [draw(_value(a, nfds)) for _, a in method.args]
         sig = "".join(a for _, a in method.args)
-        return Message(destination=BUS_NAME, path=MANAGER_PATH, interface=MANAGER_IFACE,
-                       member=method.name, signature=sig, body=body), list(range(nfds))
+        return MANAGER_PATH, MANAGER_IFACE, method.name, sig, body, nfds
     args = draw(st.lists(typed(nfds), max_size=4))
     sig = "".join(s for s, _ in args)
     member = draw(st.sampled_from(MEMBERS))
@@ -286,8 +323,7 @@ def calls(draw: st.DrawFn) -> tuple[Message, list[int]]:
     path = draw(st.sampled_from([MANAGER_PATH, container_path("x"), CONTAINERS_PATH, "/"]))
     iface = draw(st.sampled_from([None, MANAGER_IFACE, CONTAINER_IFACE,
                                   "org.freedesktop.DBus.Properties", "x.y"]))
-    return Message(destination=BUS_NAME, path=path, interface=iface, member=member,
-                   signature=sig, body=[v for _, v in args]), list(range(nfds))
+    return path, iface, member, sig, [v for _, v in args], nfds
 
 
 CONTAINERS_PATH = f"{MANAGER_PATH}/container"
@@ -302,18 +338,19 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
 
 def test_fuzzed_calls_get_errors_and_cost_nothing(bus_address: str, service_pid: int,
                                                   loop: asyncio.AbstractEventLoop) -> None:
-    async def connect() -> MessageBus:
-        return await MessageBus(bus_address=bus_address, negotiate_unix_fd=True).connect()
+    async def connected() -> Connection:
+        return connect(bus_address)
 
-    bus = loop.run_until_complete(connect())
+    bus = loop.run_until_complete(connected())
     pipes = [os.pipe() for _ in range(3)]
     fds = [r for r, _ in pipes]
     errors: dict[str, int] = {}
 
-    async def one(msg: Message, nfds: list[int]) -> None:
-        msg.unix_fds = [fds[i] for i in nfds]
-        reply = await _call(bus, msg)
-        assert reply.message_type == MessageType.ERROR, (msg.member, msg.signature, reply.body)
+    async def one(path: str, iface: str | None, member: str, sig: str, body: list[Any],
+                  nfds: int) -> None:
+        msg = method_call(BUS_NAME, path, iface, member, sig, with_fds(sig, body, fds))
+        reply = await _call(bus, msg, fds=fds[:nfds])
+        assert reply.kind == "error", (member, sig, reply.body)
         assert reply.error_name is not None
         assert reply.error_name.startswith(("io.machinepy1.Error.",
                                             "org.freedesktop.DBus.Error.")), reply.error_name
@@ -325,11 +362,11 @@ def test_fuzzed_calls_get_errors_and_cost_nothing(bus_address: str, service_pid:
               suppress_health_check=[HealthCheck.function_scoped_fixture,
                                      HealthCheck.too_slow, HealthCheck.filter_too_much])
     @given(calls())
-    def fuzz(call: tuple[Message, list[int]]) -> None:
+    def fuzz(call: Call) -> None:
         loop.run_until_complete(one(*call))
 
     try:
-        fuzz()  # warm-up: caches, interned strings, dbus-fast's parsers
+        fuzz()  # warm-up: caches, interned strings, jeepney's parsed signatures
         loop.run_until_complete(_settle(bus))
         fds_before, rss_before = fd_count(service_pid), rss_kib(service_pid)
         fuzz()
@@ -343,4 +380,4 @@ def test_fuzzed_calls_get_errors_and_cost_nothing(bus_address: str, service_pid:
         for r, w in pipes:
             os.close(r)
             os.close(w)
-        bus.disconnect()
+        bus.close()

@@ -295,6 +295,8 @@ class Connection:
         self._on_close: list[Callable[[], None]] = []
         self._loop: EventLoop | None = None
         self._writing = False
+        # Sees every message as it arrives, replies too (debugging, tests).
+        self.trace: Callable[[Received], None] | None = None
 
     # -- connecting -----------------------------------------------------------
 
@@ -410,17 +412,18 @@ class Connection:
 
     # -- sending --------------------------------------------------------------
 
-    def send(self, msg: Message, *, close_fds: bool = False) -> int:
+    def send(self, msg: Message, *, close_fds: bool = False, fds: Sequence[int] = ()) -> int:
         """Queue MSG (written at once when the socket takes it); its serial.
 
         CLOSE_FDS: the fds in its body are the message's, closed once sent.
+        FDS: more to pass along, which the body does not name (tests do that).
         """
         if self.closed:
             if close_fds:
                 close_fds_in(msg)
             raise self._gone()
         self._serial += 1
-        fds: list[int] = []
+        fds = list(fds)
         # jeepney collects the body's fds into FDS (it types the argument as None).
         data = msg.serialise(self._serial, fds if self.can_pass_fds else None)  # type: ignore[arg-type]
         self._out.append((data, fds, close_fds))
@@ -461,8 +464,8 @@ class Connection:
 
     # -- calling --------------------------------------------------------------
 
-    def call(self, msg: Message, *, timeout: float = CALL_TIMEOUT,
-             keep_fds: bool = False) -> FutureLike[Received]:
+    def call(self, msg: Message, *, timeout: float = CALL_TIMEOUT, keep_fds: bool = False,
+             fds: Sequence[int] = ()) -> FutureLike[Received]:
         """Send a method call; a future of the loop for its return (or BusError).
 
         The reply's fds are closed unless KEEP_FDS (then they are the caller's).
@@ -471,7 +474,7 @@ class Connection:
         if loop is None:
             raise RuntimeError("Connection.call needs attach(loop) first")
         fut: FutureLike[Received] = loop.create_future()
-        serial = self.send(msg)
+        serial = self.send(msg, fds=fds)
         what = _describe(msg)
         timer = loop.call_later(timeout, lambda: self._expire(serial, what))
 
@@ -491,11 +494,11 @@ class Connection:
         return fut
 
     def call_blocking(self, msg: Message, *, timeout: float = CALL_TIMEOUT,
-                      keep_fds: bool = False) -> Received:
+                      keep_fds: bool = False, fds: Sequence[int] = ()) -> Received:
         """Send a method call and wait for its return, reading the socket ourselves;
         what else arrives meanwhile goes to the handlers."""
         got: list[Received | BusError] = []
-        serial = self.send(msg)
+        serial = self.send(msg, fds=fds)
         self._pending[serial] = got.append
         try:
             self._drive(lambda: bool(got), time.monotonic() + timeout, _describe(msg))
@@ -608,6 +611,8 @@ class Connection:
                 pending(BusError(INVALID_ARGS, "malformed reply"))
 
     def _dispatch(self, msg: Received) -> None:
+        if self.trace is not None:
+            self.trace(msg)
         if msg.type in (MessageType.method_return, MessageType.error):
             pending = self._pending.pop(msg.header.fields.get(HeaderFields.reply_serial, 0),
                                         None)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from machinepy.core.sd import bus_label_escape
+from machinepy.integrate.dbus import BusError
 
 BUS_NAME = "io.machinepy1"
 MANAGER_PATH = "/io/machinepy1"
@@ -25,12 +26,11 @@ INTROSPECTABLE = "org.freedesktop.DBus.Introspectable"
 VERSION = "1"
 
 
-class ServiceError(Exception):
-    """Becomes a D-Bus error reply: NAME and a one-line message."""
+class ServiceError(BusError):
+    """Becomes a D-Bus error reply: NAME (short ones are ours) and a one-line message."""
 
     def __init__(self, name: str, message: str) -> None:
-        super().__init__(message)
-        self.name = name if "." in name else ERROR + name
+        super().__init__(name if "." in name else ERROR + name, message)
 
 
 def container_path(name: str) -> str:
