@@ -28,49 +28,49 @@ TRAP = "trap 'exit 3' 38; trap 'exit 7' TERM; while :; do sleep 0.05; done"  # 3
 
 # Runs inside the test host: waits for ContainerRemoved of argv[1], prints its body.
 WATCH_REMOVED = textwrap.dedent("""
-    import asyncio, sys
-    from dbus_fast import Message, BusType
-    from dbus_fast.aio import MessageBus
+    import sys
+    from machinepy.integrate.dbus import Connection, bus_call
+    from machinepy.runtime.loop import MiniLoop
+    bus = Connection.open()
+    loop = MiniLoop()
+    done = loop.create_future()
+    def handler(msg):
+        if msg.member == "ContainerRemoved" and msg.body[0] == sys.argv[1] and not done.done():
+            done.set_result(msg.body)
+        return False
+    bus.add_handler(handler)
+    bus.call_blocking(bus_call("AddMatch", "s", ["type='signal',sender='io.machinepy1'"]))
+    print("subscribed", flush=True)
+    bus.attach(loop)
+    loop.call_later(60, lambda: done.done() or done.set_exception(TimeoutError()))
     async def main():
-        bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
-        done = asyncio.get_running_loop().create_future()
-        def handler(msg):
-            if msg.member == "ContainerRemoved" and msg.body[0] == sys.argv[1]:
-                done.set_result(msg.body)
-        bus.add_message_handler(handler)
-        await bus.call(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
-                               interface="org.freedesktop.DBus", member="AddMatch",
-                               signature="s", body=["type='signal',sender='io.machinepy1'"]))
-        print("subscribed", flush=True)
-        print(*await asyncio.wait_for(done, 60), flush=True)
-    asyncio.run(main())
+        print(*await done, flush=True)
+    loop.run(main())
 """)
 
 # Runs inside the test host: OpenConsole, talk to the container's shell through the fd.
 CONSOLE = textwrap.dedent("""
-    import asyncio, os, sys, time
-    from dbus_fast import Message, BusType, MessageType
-    from dbus_fast.aio import MessageBus
-    async def main():
-        bus = await MessageBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True).connect()
-        reply = await bus.call(Message(destination="io.machinepy1", path="/io/machinepy1",
-                                       interface="io.machinepy1.Manager", member="OpenConsole",
-                                       signature="s", body=[sys.argv[1]]))
-        if reply.message_type == MessageType.ERROR:
-            print("ERROR", reply.error_name, reply.body); return
-        fd = reply.unix_fds[reply.body[0]]
-        print("tty", os.isatty(fd), flush=True)
-        os.set_blocking(fd, False)
-        os.write(fd, sys.argv[2].encode() + b"\\n")
-        out, deadline = b"", time.monotonic() + 20
-        while sys.argv[3].encode() not in out and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-            try:
-                out += os.read(fd, 4096)
-            except (BlockingIOError, OSError):
-                pass
-        print("found" if sys.argv[3].encode() in out else "missing: %r" % out, flush=True)
-    asyncio.run(main())
+    import os, sys, time
+    from machinepy.integrate.dbus import BusError, Connection, method_call
+    bus = Connection.open(fds=True)
+    try:
+        reply = bus.call_blocking(method_call("io.machinepy1", "/io/machinepy1",
+                                              "io.machinepy1.Manager", "OpenConsole", "s",
+                                              [sys.argv[1]]), keep_fds=True)
+    except BusError as e:
+        print("ERROR", e.name, e.text); sys.exit()
+    fd = reply.body[0]
+    print("tty", os.isatty(fd), flush=True)
+    os.set_blocking(fd, False)
+    os.write(fd, sys.argv[2].encode() + b"\\n")
+    out, deadline = b"", time.monotonic() + 20
+    while sys.argv[3].encode() not in out and time.monotonic() < deadline:
+        time.sleep(0.05)
+        try:
+            out += os.read(fd, 4096)
+        except (BlockingIOError, OSError):
+            pass
+    print("found" if sys.argv[3].encode() in out else "missing: %r" % out, flush=True)
 """)
 
 

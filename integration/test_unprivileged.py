@@ -23,12 +23,12 @@ USER = "mpytest"
 @pytest.fixture(scope="module")
 def user_site() -> Iterator[Path]:
     """The user cannot read our interpreter's site-packages (under /root): a copy of
-    dbus-fast, which registration needs, where it can."""
-    spec = importlib.util.find_spec("dbus_fast")
+    jeepney, which registration needs, where it can."""
+    spec = importlib.util.find_spec("jeepney")
     assert spec is not None and spec.origin is not None
     site = Path(tempfile.mkdtemp(prefix="mpytest-site-", dir="/var/tmp"))
     site.chmod(0o755)
-    shutil.copytree(Path(spec.origin).parent, site / "dbus_fast")
+    shutil.copytree(Path(spec.origin).parent, site / "jeepney")
     yield site
     shutil.rmtree(site)
 

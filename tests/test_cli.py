@@ -160,11 +160,12 @@ def test_asyncio_for_the_command_is_imported_without_ssl() -> None:
 @pytest.mark.root
 def test_run_without_systemd_imports_no_bus_or_netlink_library() -> None:
     # What `machinepy run` costs on a host whose PID 1 is not systemd: the
-    # registration is skipped, so asyncio, dbus-fast and pyroute2 stay out.
+    # registration is skipped, so asyncio, jeepney and pyroute2 stay out.
     out = _python(
         "import sys, machinepy.core.sd as sd; sd.systemd_booted = lambda: False\n"
         "from machinepy.cli.run import main; status = main(['run', '--', 'true'])\n"
-        "print(status, [m for m in ('asyncio', 'dbus_fast', 'pyroute2') if m in sys.modules])")
+        "print(status, [m for m in ('asyncio', 'jeepney', 'dbus_fast', 'pyroute2')\n"
+        "               if m in sys.modules])")
     assert out == "0 []"
 
 

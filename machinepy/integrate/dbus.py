@@ -471,6 +471,8 @@ class Connection:
         The reply's fds are closed unless KEEP_FDS (then they are the caller's).
         """
         loop = self._loop
+        if self.closed:
+            raise self._gone()
         if loop is None:
             raise RuntimeError("Connection.call needs attach(loop) first")
         fut: FutureLike[Received] = loop.create_future()
