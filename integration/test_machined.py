@@ -490,3 +490,59 @@ def test_run_of_an_init_powers_off_cleanly(testhost: Any, host_mounts: set[str],
     assert testhost.run(["machinectl", "poweroff", "deb-runinit"]).returncode == 0
     assert m.wait_exit(60) == 0
     assert_nothing_left(testhost, "deb-runinit", host_mounts)
+
+
+# What a registered start imports (issue 11): no asyncio, no dbus-fast, no ssl.
+NOT_IMPORTED = ("asyncio", "dbus_fast", "ssl", "_ssl")
+
+
+def imported(stderr: str) -> set[str]:
+    """Modules named by `python3 -X importtime` on stderr."""
+    found = set()
+    for line in stderr.splitlines():
+        if line.startswith("import time:") and "|" in line:
+            name = line.rsplit("|", 1)[1].strip()
+            if name != "imported package":  # the header line
+                found.add(name)
+    return found
+
+
+def assert_lean(stderr: str) -> None:
+    mods = imported(stderr)
+    assert "jeepney" in mods and "machinepy.integrate.machined" in mods, sorted(mods)
+    heavy = sorted(m for m in mods if m.split(".")[0] in NOT_IMPORTED)
+    assert heavy == [], heavy
+
+
+def test_registered_run_imports_no_asyncio_dbus_fast_or_ssl(
+    testhost: Any, host_mounts: set[str], debian_rootfs: Path
+) -> None:
+    r = testhost.run([sys.executable, "-X", "importtime", "-m", "machinepy", "run", "-r",
+                      str(debian_rootfs), "--machine", "lean-run", "--", "/bin/cat",
+                      "/proc/self/cgroup"], timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "machine.slice/machine-lean\\x2drun.scope" in r.stdout  # registered
+    assert "warning" not in r.stderr
+    assert_lean(r.stderr)
+    assert_nothing_left(testhost, "lean-run", host_mounts)
+
+
+def test_registered_boot_imports_no_asyncio_dbus_fast_or_ssl(
+    testhost: Any, host_mounts: set[str], debian_rootfs: Path
+) -> None:
+    m = Machine(testhost, "lean-boot",
+                [sys.executable, "-X", "importtime", "-m", "machinepy", "boot",
+                 str(debian_rootfs), "--machine", "lean-boot", "--ephemeral"])
+    try:
+        m.wait_booted()
+        assert m.show()["Service"] == "machinepy"
+        assert testhost.run(["machinectl", "poweroff", "lean-boot"]).returncode == 0
+        assert m.wait_exit() == 0
+    finally:
+        m.kill()
+        testhost.run(["machinectl", "terminate", "lean-boot"])
+    assert m.proc.stderr is not None
+    stderr = m.proc.stderr.read()
+    assert "warning" not in stderr
+    assert_lean(stderr)  # the poweroff (RequestStop's check, unregistering) included
+    assert_nothing_left(testhost, "lean-boot", host_mounts)
