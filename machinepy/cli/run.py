@@ -209,7 +209,7 @@ def spec_from_args(args: argparse.Namespace) -> ContainerSpec:
     else:
         caps = ()
     if args.system_call_filter:
-        from machinepy.runtime.seccomp import parse_filter
+        from machinepy.core.syscall_groups import parse_filter
 
         syscalls = parse_filter(args.system_call_filter)
     else:
