@@ -96,22 +96,22 @@ def test_no_new_privileges_option_values(capsys: pytest.CaptureFixture[str]) -> 
 
 
 def test_dbus_options_round_trip() -> None:
-    from machinepy.cli.client import options_from_args
-    from machinepy.cli.run import build_parser
+    from machinepy.cli.run import build_parser, options_from_args
+    from machinepy.core.options import options_to_bus
     from machinepy.service.manager import spec_from_options
 
     args = build_parser("run").parse_args(
         ["run", "--system-call-filter=~@mount", "--system-call-filter=bpf",
          "--no-new-privileges", "--", "/bin/true"])
-    opts = options_from_args(args)
-    assert opts["SystemCallFilter"].value == ["~@mount", "bpf"]
-    assert opts["NoNewPrivileges"].value is True
+    opts = options_to_bus(options_from_args(args))
+    assert opts["SystemCallFilter"][1] == ["~@mount", "bpf"]
+    assert opts["NoNewPrivileges"][1] is True
     spec = spec_from_options("", "", ["/bin/true"], opts)
     assert spec.system_call_filter == ("~@mount", "bpf")
     assert spec.no_new_privileges
     with pytest.raises(SpecError, match="unknown system call"):
         spec_from_options("", "", ["/bin/true"],
-                          {"SystemCallFilter": type(opts["NoNewPrivileges"])("as", ["nope"])})
+                          {"SystemCallFilter": ("as", ["nope"])})
 
 
 # ---------------------------------------------------------------------------
