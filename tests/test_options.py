@@ -7,6 +7,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import string
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,7 @@ from machinepy.core.spec import (
 # root_directory and command; the command line's NAME or --machine, ROOTFS or
 # --chroot, COMMAND), and the one the supervisor's side fills in.
 POSITIONALS = {"machine", "root", "command"}
-RUNTIME = {"group_maps", "machine_id"}  # with_caller_maps: a user's own ids; a random one
+RUNTIME = {"group_maps"}  # with_caller_maps: a user's own ids
 # pflask's sugar: --tmpfs is a tmp --mount, -g CONTROLLER a property
 SHARED = {"mounts": ["mounts", "tmpfs"], "properties": ["cgroups", "properties"]}
 
@@ -92,7 +93,7 @@ SAMPLES: dict[str, tuple[object, dict[str, Any]]] = {
     "no_new_privileges": (True, {}), "cgroups": (("memory",), {}),
     "properties": (("TasksMax=10",), {}), "landlock_scope": (("signal",), {}),
     "register": (False, {}), "no_namespaces": (("ipc",), {}),
-    "base_env": ((("A", "1"),), {}),
+    "uuid": (uuid.UUID(int=1), {}), "base_env": ((("A", "1"),), {}),
 }
 DERIVED = {"namespaces"}  # a network or user namespace follows from netifs, user maps, pick
 
@@ -168,6 +169,7 @@ OPTION_VALUES: dict[str, st.SearchStrategy[Any]] = {
     "register": st.booleans(),
     "no_namespaces": st.lists(st.sampled_from(NO_NAMESPACES), unique=True).map(
         lambda ns: tuple(n for n in NO_NAMESPACES if n in ns)),
+    "uuid": st.none() | st.uuids().filter(lambda u: u.int != 0),
     "base_env": st.none() | tuples(st.tuples(
         text.filter(lambda t: t and "=" not in t), text)),
 }
@@ -239,11 +241,29 @@ def test_structured_values_on_the_bus() -> None:
     ({"LandlockScope": ("as", ["signal,abstract-unix-socket"])}, "one scope per entry"),
     ({"Caps": ("as", ["+chown,-kill"])}, "one item per entry"),
     ({"SystemCallFilter": ("as", ["bpf reboot"])}, "one item per entry"),
+    ({"Uuid": ("ay", b"\x01" * 15)}, "expected 16 bytes, got 15"),
+    ({"Uuid": ("ay", b"\x00" * 16)}, "may not be all zeros"),
+    ({"Uuid": ("s", "nope")}, "invalid --uuid 'nope'"),
+    ({"Uuid": ("u", 1)}, "must be of type 'ay' or 's', not 'u'"),
     ({"Hostname": ("s", "a\0b")}, "NUL"),
 ])
 def test_bad_bus_values(options: dict[str, tuple[str, object]], message: str) -> None:
     with pytest.raises(SpecError, match=message.replace("(", r"\(").replace(")", r"\)")):
         options_from_bus(options)
+
+
+def test_uuid_from_every_front_end() -> None:
+    u = uuid.UUID("0123456789abcdef0123456789abcdef")
+    for o in (cli_options("run", ["--uuid=0123456789abcdef0123456789abcdef"]),
+              cli_options("boot", ["--uuid", str(u)]),
+              cli_options("start", ["--uuid", str(u).upper()]),
+              options_from_bus({"Uuid": ("ay", u.bytes)}),
+              options_from_bus({"Uuid": ("s", str(u))})):
+        assert o.uuid == u
+        assert build_spec(o, name=None, root=None, command=()).machine_id == u
+    for bad in ("{0123456789abcdef0123456789abcdef}", "urn:uuid:" + str(u), "0123", str(u)[:-1]):
+        with pytest.raises(SpecError, match="invalid --uuid"):
+            cli_options("run", [f"--uuid={bad}"])
 
 
 def test_readme_documents_the_table() -> None:

@@ -428,6 +428,26 @@ async def test_lifecycle_create_list_properties_poweroff(client: Client,
 
 
 @pytest.mark.root
+async def test_uuid_is_the_id_and_container_uuid(client: Client, tmp_path: Path) -> None:
+    import uuid
+
+    u = uuid.uuid4()
+    out = tmp_path / "uuid"
+    path = await create(client, "withid", "/", ["/bin/sh", "-c", f"echo $container_uuid > {out}; "
+                                                 "exec sleep 1000"], Uuid=Variant("ay", u.bytes))
+    assert await client.prop(path, "Id") == u.bytes
+    options = await client.prop(path, "Options")
+    assert (options["Uuid"].signature, options["Uuid"].value) == ("ay", u.bytes)
+    deadline = time.monotonic() + TIMEOUT
+    while not out.exists() or not out.read_text():
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    assert out.read_text() == f"{u}\n"
+    await client.manager("TerminateContainer", "s", "withid")
+    await client.wait_signal("ContainerRemoved", "withid")
+
+
+@pytest.mark.root
 async def test_console_is_passed_as_fd(client: Client) -> None:
     path = await create(client, "cons", "/", ["/bin/sh", "-c", "read x; echo got-$x; exit 3"])
     reply = await client.call(path, CONTAINER_IFACE, "OpenConsole")

@@ -14,7 +14,7 @@ no `from __future__ import annotations`: NamedTuple compiles each string annotat
 
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from machinepy.core.spec import (
     LANDLOCK_SCOPES,
@@ -39,6 +39,9 @@ from machinepy.core.spec import (
     parse_user_map,
     quote,
 )
+
+if TYPE_CHECKING:
+    import uuid
 
 VERBS = ("run", "boot", "start")
 NO_NAMESPACES = ("user", "mount", "net", "ipc", "uts", "pid")
@@ -73,6 +76,7 @@ class ContainerOptions(NamedTuple):
     landlock_scope: tuple[str, ...] = ()
     register: bool = True
     no_namespaces: tuple[str, ...] = ()  # in NO_NAMESPACES' order
+    uuid: "uuid.UUID | None" = None
     # What a host-root or --keepenv container inherits instead of the daemon's
     # environment: `run --detach` hands the caller's over.
     base_env: tuple[tuple[str, str], ...] | None = None
@@ -271,6 +275,25 @@ def _no_namespaces(raw: Sequence[str]) -> tuple[str, ...]:
     return tuple(n for n in NO_NAMESPACES if n in raw)
 
 
+UUID_RE = r"[0-9a-fA-F]{32}|[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}"
+
+
+def parse_uuid(text: str | bytes) -> "uuid.UUID":
+    """nspawn's --uuid (32 hex digits, or 8-4-4-4-12), or its 16 bytes; never all zeros."""
+    import re
+    import uuid
+
+    if isinstance(text, str) and not re.fullmatch(UUID_RE, text, re.ASCII):
+        raise SpecError(f"invalid --uuid {quote(text)}: expected 32 hexadecimal digits "
+                        "(dashes allowed as in 8-4-4-4-12)")
+    if not isinstance(text, str) and len(text) != 16:
+        raise SpecError(f"invalid Uuid: expected 16 bytes, got {len(text)}")
+    value = uuid.UUID(text) if isinstance(text, str) else uuid.UUID(bytes=bytes(text))
+    if not value.int:
+        raise SpecError("invalid --uuid: the machine id may not be all zeros")
+    return value
+
+
 # ---------------------------------------------------------------------------
 # The table, in the order of --help
 
@@ -361,6 +384,10 @@ SETTINGS: tuple[Setting, ...] = (
             "do not create the user (-U), mount (-M), net (-N), ipc (-I), uts (-H) or pid (-P) "
             "namespace", cli="namespaces", encode=list, decode=_no_namespaces,
             spec="namespaces", struct="their names"),
+    Setting("uuid", "Uuid", "ay", ("--uuid",),
+            "the machine id: given to systemd-machined, and as $container_uuid", "UUID",
+            parse=parse_uuid, encode=lambda u: u.bytes, decode=parse_uuid, also=("s",),
+            spec="machine_id", struct="16 bytes, or s as --uuid"),
     Setting("boot", "Boot", "b", ("--boot",), "boot the init found in ROOTFS", cli="flag",
             verbs=("start",)),
     Setting("base_env", "BaseEnvironment", "as", (), cli="list", encode=lambda p: f"{p[0]}={p[1]}",
@@ -462,6 +489,6 @@ def build_spec(o: ContainerOptions, *, name: str | None, root: str | None,
     same = {f: getattr(o, f) for f in ContainerOptions._fields if f in ContainerSpec._fields}
     return ContainerSpec(**{
         **same, "command": command, "root": root, "machine": name, "properties": props,
-        "mounts": o.mounts + o.tmpfs, "netifs": o.netifs or (),
+        "mounts": o.mounts + o.tmpfs, "netifs": o.netifs or (), "machine_id": o.uuid,
         "namespaces": frozenset(ns - set(o.no_namespaces)) & set(NAMESPACES),
         "private_users": o.private_users == "pick"})

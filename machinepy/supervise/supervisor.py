@@ -41,6 +41,9 @@ def _asyncio_loop() -> LoopLike:
 
 
 def with_machine_id(spec: ContainerSpec) -> ContainerSpec:
+    """A random machine id where none was asked for (--uuid)."""
+    if spec.machine_id is not None:
+        return spec
     import uuid  # not on the plain `run` path: it drags in platform
 
     return spec.replace(machine_id=uuid.uuid4())
