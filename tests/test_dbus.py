@@ -37,6 +37,7 @@ from machinepy.integrate.dbus import (
     Received,
     bus_call,
     error_reply,
+    marshal,
     method_call,
     method_return,
     signal,
@@ -419,3 +420,14 @@ def test_unsent_fds_are_closed_with_the_connection() -> None:
                                                 1, 0, 1, {}), (), []), "h", [r]),
                   close_fds=True)
     assert not is_open(r)
+
+
+def test_a_marshalled_body_is_the_same_message() -> None:
+    call = Received(Header(Endianness.little, MessageType.method_call, 0, 1, 0, 7,
+                           {HeaderFields.sender: ":1.9"}), (), [])
+    rows = [("a", "running", 12, "/io/machinepy1/container/a"), ("b", "exited", 0, "/x/b")]
+    plain = method_return(call, "a(ssuo)", [rows]).serialise(3)
+    assert method_return(call, "a(ssuo)", marshalled=marshal("a(ssuo)", [rows])).serialise(3) \
+        == plain
+    with pytest.raises(ValueError):
+        marshal("h", [0])

@@ -46,6 +46,7 @@ from jeepney.low_level import (
     MessageType,
     Struct,
     calc_msg_size,
+    padding,
     parse_signature,
 )
 
@@ -213,8 +214,37 @@ def _reply_fields(call: Message) -> dict[HeaderFields, object]:
     return fields
 
 
-def method_return(call: Message, signature: str = "", body: Sequence[object] = ()) -> Message:
-    return _message(MessageType.method_return, _reply_fields(call), signature, body)
+def method_return(call: Message, signature: str = "", body: Sequence[object] = (), *,
+                  marshalled: bytes | None = None) -> Message:
+    """The return of CALL; MARSHALLED: its body as marshal() made it, for SIGNATURE."""
+    if marshalled is None:
+        return _message(MessageType.method_return, _reply_fields(call), signature, body)
+    fields = _reply_fields(call)
+    fields[HeaderFields.signature] = signature
+    return _Marshalled(Header(Endianness.little, MessageType.method_return, 0, 1, 0, 0, fields),
+                       marshalled)
+
+
+class _Marshalled(Message):
+    """A message whose body was marshalled beforehand (see marshal())."""
+
+    def __init__(self, header: Header, data: bytes) -> None:
+        super().__init__(header, ())
+        self.data = data
+
+    def serialise(self, serial: int | None = None, fds: None = None) -> bytes:
+        self.header.body_length = len(self.data)
+        head = self.header.serialise(serial)
+        # The body starts 8-aligned, as it was marshalled (from 0).
+        return head + b"\0" * padding(len(head), 8) + self.data
+
+
+def marshal(signature: str, body: Sequence[object]) -> bytes:
+    """BODY marshalled once, to be sent many times (method_return(..., marshalled=))."""
+    if "h" in signature:
+        raise ValueError("a marshalled body cannot carry file descriptors")
+    data: bytes = _body_type(signature).serialise(tuple(body), 0, Endianness.little)
+    return data
 
 
 def error_reply(call: Message, name: str, text: str) -> Message:
