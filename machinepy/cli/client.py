@@ -9,25 +9,14 @@ daemon when it is installed (units/).  Output follows machinectl's.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import shutil
 import signal
-import subprocess
 import sys
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from machinepy.cli.args import Parser, UsageError, add_options
+from machinepy.cli.args import Parser, UsageError
 from machinepy.core import sd
-from machinepy.core.options import (
-    ContainerOptions,
-    options_from_bus,
-    options_from_cli,
-    options_to_argv,
-    options_to_bus,
-)
 from machinepy.core.spec import SpecError
 from machinepy.integrate.dbus import (
     DBUS_NAME,
@@ -39,7 +28,24 @@ from machinepy.integrate.dbus import (
 )
 from machinepy.service.api import BUS_NAME, CONTAINER_IFACE, MANAGER_IFACE, MANAGER_PATH
 
-UNITS_DIR = Path(__file__).resolve().parents[2] / "units"
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from machinepy.core.options import ContainerOptions
+
+# `list` and `status` should cost little more than the interpreter: json,
+# pathlib, shutil, subprocess and the options table (~20 ms) are imported by
+# the verbs that use them.
+
+
+def __getattr__(name: str) -> Path:
+    if name == "UNITS_DIR":  # the source checkout's units/ (install-units)
+        from pathlib import Path
+
+        return Path(__file__).resolve().parents[2] / "units"
+    raise AttributeError(name)
+
+
 # Where each file of units/ goes (under --root).
 INSTALL = {
     "machinepy.service": "etc/systemd/system",
@@ -94,16 +100,22 @@ def start_parser() -> Parser:
                description="Start a container in the background, managed by the service.")
     p.add_argument("name", metavar="NAME", help="machine name ('' picks one)")
     p.add_argument("root", metavar="ROOTFS", help="root directory ('/' for the host's root)")
+    from machinepy.cli.args import add_options
+
     add_options(p, "start")
     return p
 
 
 def variants(options: ContainerOptions) -> dict[str, Variant]:
     """CreateContainer's a{sv}: the options that differ from the defaults."""
+    from machinepy.core.options import options_to_bus
+
     return dict(options_to_bus(options))
 
 
 def start(client: Client, argv: list[str]) -> int:
+    from machinepy.core.options import options_from_cli
+
     command: list[str] = []
     if "--" in argv:
         cut = argv.index("--")
@@ -200,6 +212,8 @@ def list_(client: Client, argv: list[str]) -> int:
                 props = client.properties(path)
                 props["Options"] = {k: v for k, (_, v) in props["Options"].items()}
                 out.append(_jsonable(props))
+        import json
+
         print(json.dumps(out, indent=None))
         return 0
     if rows:
@@ -242,6 +256,8 @@ def status(client: Client, argv: list[str]) -> int:
     print(f"      Registered: {'yes' if props['MachineRegistered'] else 'no'}")
     if props["NetworkInterfaces"]:
         print(f"   Network links: {' '.join(map(str, props['NetworkInterfaces']))}")
+    from machinepy.core.options import options_from_bus, options_to_argv
+
     options = options_from_bus(props["Options"])
     argv = options_to_argv(options.replace(boot=False))
     if argv:
@@ -367,7 +383,12 @@ def install_units_parser() -> Parser:
 
 
 def install_units(argv: list[str]) -> int:
+    import shutil
+    import subprocess
+    from pathlib import Path
+
     args = install_units_parser().parse_args(argv)
+    UNITS_DIR = __getattr__("UNITS_DIR")
     if not UNITS_DIR.is_dir():
         print(f"machinepy: {UNITS_DIR} not found (install-units needs a source checkout)",
               file=sys.stderr)
