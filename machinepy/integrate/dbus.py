@@ -31,7 +31,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from jeepney.auth import BEGIN, NEGOTIATE_UNIX_FD, make_auth_external
 from jeepney.bus import get_connectable_addresses
@@ -50,7 +50,8 @@ from jeepney.low_level import (
     parse_signature,
 )
 
-from machinepy.runtime.loop import Cancellable, FutureLike
+if TYPE_CHECKING:  # a blocking client (`machinepy list`) never loads a loop
+    from machinepy.runtime.loop import Cancellable, FutureLike
 
 DBUS_NAME = "org.freedesktop.DBus"
 DBUS_PATH = "/org/freedesktop/DBus"
