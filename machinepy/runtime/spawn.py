@@ -181,7 +181,7 @@ def spawn(cfg: ChildConfig, meanwhile: Callable[[], object] | None = None) -> Sp
     """Fork the setup child; return once PID 1 exists and waits for go.
 
     MEANWHILE() runs in this process while the child unshares and forks PID 1
-    (it must not raise: the supervisor connects to the bus there).
+    (the supervisor connects to the bus there).
     """
     # Threads made through threading are the ones to fear here; when nothing
     # imported it, there are none (and `run` need not import it to know).
@@ -203,9 +203,14 @@ def spawn(cfg: ChildConfig, meanwhile: Callable[[], object] | None = None) -> Sp
     try:
         if meanwhile is not None:
             meanwhile()
-    finally:
-        line = _read_line(status_r)
+    except BaseException:
+        _read_line(status_r)
         os.waitpid(pid, 0)
+        os.close(status_r)
+        os.close(go_w)  # a waiting PID 1 reads EOF and exits
+        raise
+    line = _read_line(status_r)
+    os.waitpid(pid, 0)
     if not line.startswith(b"PID "):
         os.close(status_r)
         os.close(go_w)
