@@ -572,3 +572,28 @@ def test_registered_boot_imports_no_asyncio_dbus_fast_or_ssl(
     assert "machinepy: warning" not in stderr
     assert_lean(stderr)  # the poweroff (RequestStop's check, unregistering) included
     assert_nothing_left(testhost, "lean-boot", host_mounts)
+
+
+def test_failed_registration_runs_nothing(
+    testhost: Any, host_mounts: set[str], busybox_root: Path
+) -> None:
+    # PID 1 assembles its root while systemd makes the scope, but execs only once
+    # registered: a second container of the same name gets its mounts, never its command.
+    first = Machine(testhost, "twice", [*MACHINEPY, "run", "--machine", "twice", "-r",
+                                        str(busybox_root), "--", "sleep", "1000"])
+    try:
+        wait_for(lambda: "twice" in listed(testhost), 20, "the first 'twice'")
+        testhost.run(["mkdir", "-p", "/var/tmp/mpy-barrier"])
+        r = testhost.run([*MACHINEPY, "run", "--machine", "twice", "-r", str(busybox_root),
+                          "-m", "bind:/var/tmp/mpy-barrier:/mnt", "--", "/bin/touch",
+                          "/mnt/ran"], timeout=60)
+        assert r.returncode == 1, r.stderr
+        assert r.stderr.startswith("machinepy: registering machine 'twice': ") and \
+            r.stderr.count("\n") == 1, r.stderr
+        assert testhost.run(["test", "-e", "/var/tmp/mpy-barrier/ran"]).returncode != 0
+        assert "twice" in listed(testhost)  # the first one's registration is untouched
+    finally:
+        testhost.run(["machinectl", "terminate", "twice"])
+        first.wait_exit(30)
+        testhost.run(["rm", "-rf", "/var/tmp/mpy-barrier"])
+    assert_nothing_left(testhost, "twice", host_mounts)
