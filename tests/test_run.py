@@ -344,15 +344,17 @@ def test_sigkill_of_leader(root: Path | None) -> None:
 # -- the console ------------------------------------------------------------------------
 
 def test_tty_gets_its_own_pty(busybox_root: Path) -> None:
+    import fcntl
+
+    fcntl_winsize = struct.pack("HHHH", 33, 111, 0, 0)
     pid, master = pty.fork()
     if pid == 0:
+        # Sized before machinepy starts: set from the parent, it raced the
+        # container's `stty size` (0 0, and the test waited for ever).
+        fcntl.ioctl(0, termios.TIOCSWINSZ, fcntl_winsize)
         os.execvp(sys.executable, [*MACHINEPY, "run", "--register=no", "-r", str(busybox_root),
                                    "--", "/bin/sh", "-c",
                                    "tty; stty size; read line; echo got:$line; exit 5"])
-    fcntl_winsize = struct.pack("HHHH", 33, 111, 0, 0)
-    import fcntl
-
-    fcntl.ioctl(master, termios.TIOCSWINSZ, fcntl_winsize)
     out = b""
     deadline = time.monotonic() + 15
     sent = False
@@ -369,7 +371,13 @@ def test_tty_gets_its_own_pty(busybox_root: Path) -> None:
         if not sent and b"33 111" in out:
             os.write(master, b"typed\r")
             sent = True
-    _, status = os.waitpid(pid, 0)
+    deadline = time.monotonic() + 10
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:  # never wait for ever (machinepy takes its container along)
+        os.kill(pid, signal.SIGKILL)
+        done = os.waitpid(pid, 0)
+    status = done[1]
     os.close(master)
     text = out.decode(errors="replace")
     assert "/dev/console" in text
