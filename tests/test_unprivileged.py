@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import os
 import pwd
 import subprocess
 from pathlib import Path
@@ -103,21 +104,22 @@ async def test_registration_refused_to_a_user_is_a_warning(
             raise machined.RegistrationError("creating machine-x.scope: Interactive "
                                              "authentication required.")
 
-        async def close(self) -> None:
+    class Child:  # a PID 1 that has said nothing (its status pipe at EOF)
+        def __init__(self) -> None:
+            self.status_r, w = os.pipe()
+            os.close(w)
+
+        def cancel_go(self) -> None:
             pass
 
-    async def connect() -> Refusing:
-        return Refusing()
-
     monkeypatch.setattr(sd, "can_register", lambda: True)
-    monkeypatch.setattr(machined.MachineRegistration, "connect", staticmethod(connect))
     spec = ContainerSpec(command=("true",),
                          properties=(UnitProperty("MemoryMax", "t", 1 << 20),))
     sup = Supervisor(spec, handle_signals=False)
     sup.container.name = "x"
     monkeypatch.setattr("os.geteuid", lambda: 1000)
     async with contextlib.AsyncExitStack() as stack:
-        assert await sup._register(stack) is None
+        assert await sup._register(stack, Refusing(), Child()) is False  # type: ignore[arg-type]
     assert not sup.container.registered
     assert capsys.readouterr().err == (
         "machinepy: warning: not registering machine 'x' with systemd-machined: creating "
@@ -126,4 +128,4 @@ async def test_registration_refused_to_a_user_is_a_warning(
     monkeypatch.setattr("os.geteuid", lambda: 0)  # root: an error, as before
     async with contextlib.AsyncExitStack() as stack:
         with pytest.raises(Exception, match="registering machine 'x'"):
-            await sup._register(stack)
+            await sup._register(stack, Refusing(), Child())  # type: ignore[arg-type]
