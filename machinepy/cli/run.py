@@ -371,9 +371,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError("no command given (try 'machinepy run --help')")
         if args.verb == "run" and args.attach:
             _attach_alone(parser, args)
+            from machinepy.cli import client
             from machinepy.cli.attach import attach
 
-            return attach(args.attach)
+            return attach(args.attach, service=lambda name: client.main(["attach", name]))
         spec = spec_from_args(args)
         if os.geteuid() != 0 and not spec.user_maps and not spec.private_users:
             if args.no_user:

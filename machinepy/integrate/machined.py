@@ -20,7 +20,7 @@ import signal
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from machinepy.core.sd import scope_name, unit_path
+from machinepy.core.sd import SIG_HALT, scope_name, unit_path
 
 if TYPE_CHECKING:
     import uuid
@@ -38,7 +38,6 @@ DBUS = ("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus")
 CALL_TIMEOUT = 25.0  # sd-bus's default method timeout
 GONE_TIMEOUT = 5.0  # how long we wait for systemd to drop the stopped scope
 SERVICE = "machinepy"
-SIG_HALT = signal.SIGRTMIN + 3
 
 
 class RegistrationError(Exception):
