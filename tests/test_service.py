@@ -770,7 +770,10 @@ def test_install_units_into_a_root(tmp_path: Path) -> None:
 
 
 def test_fd_store_preserve_only_where_systemd_has_it() -> None:
-    from machinepy.cli.client import UNITS_DIR, for_systemd
+    from machinepy.cli.install import for_systemd, units_dir
+
+    UNITS_DIR = units_dir()
+    assert UNITS_DIR is not None
     from machinepy.core.sd import systemd_version
 
     unit = (UNITS_DIR / "machinepy.service").read_text()

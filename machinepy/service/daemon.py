@@ -454,10 +454,14 @@ class Daemon:
         os._exit(0 if stop.done() else 1)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Also read by docgen (completion, man page)."""
-    parser = argparse.ArgumentParser(prog="machinepy daemon",
-                                     description="Run the io.machinepy1 D-Bus service.")
+ParserClass = type[argparse.ArgumentParser]
+
+
+def build_parser(parser_class: ParserClass = argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Also read by docgen (completion, man page).  PARSER_CLASS: the entry point's
+    (machinepy.main), which makes bad input one line and exit 2 as for every verb."""
+    parser = parser_class(prog="machinepy daemon",
+                          description="Run the io.machinepy1 D-Bus service.")
     parser.add_argument("--state-dir", default=os.environ.get("MACHINEPY_STATE_DIR", STATE_DIR),
                         help=f"where container state files live (default {STATE_DIR})")
     parser.add_argument("--bus-address", help="D-Bus address (default: the system bus)")
@@ -466,8 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None,
+         parser_class: ParserClass = argparse.ArgumentParser) -> int:
+    args = build_parser(parser_class).parse_args(argv)
     if os.geteuid() != 0:
         print("machinepy: the daemon must run as root", file=sys.stderr)
         return 2
