@@ -34,6 +34,7 @@ ESCAPE = 0x1D  # ^]
 ESCAPE_COUNT = 3
 ESCAPE_WINDOW = 1.0  # seconds, as systemd-nspawn
 CHUNK = 65536  # per read or splice; a pty gives 4 KiB, a bigger splice only costs pages
+BURST = 16  # reads or splices per wake-up at most
 
 
 def interactive() -> bool:
@@ -102,39 +103,47 @@ class _Pipe:
             self.reading = False
 
     def _readable(self) -> None:
-        if self.splice:
+        # The pty refills its 4 KiB while we copy them: go on until it is empty
+        # rather than back to the loop (and to sleep) after each 4 KiB, as
+        # nspawn's ptyfwd does; bounded, so that the other fds get their turn.
+        for i in range(BURST):
+            if self.splice:
+                try:
+                    n = os.splice(self.src, self.dst, CHUNK, flags=os.SPLICE_F_NONBLOCK)
+                except BlockingIOError:
+                    # SRC empty, or DST full: when nothing moved since we were
+                    # woken for SRC, DST is the likely one.
+                    if not i and not _writable(self.dst):
+                        self._pause()
+                        self.loop.add_writer(self.dst, self._writable)
+                    return
+                except OSError as e:
+                    if e.errno == errno.EIO:
+                        self._error(e)
+                        return
+                    # EINVAL: no splice from SRC on this kernel; EPIPE: nobody reads
+                    # DST (read and drop, so the container never blocks).
+                    self.splice = False
+                else:
+                    if not n:
+                        self._end()
+                        return
+                    continue
             try:
-                n = os.splice(self.src, self.dst, CHUNK, flags=os.SPLICE_F_NONBLOCK)
+                data = os.read(self.src, CHUNK)
             except BlockingIOError:
-                # Woken for SRC, so most likely DST is full: wait for it, or for SRC again.
-                if not _writable(self.dst):
-                    self._pause()
-                    self.loop.add_writer(self.dst, self._writable)
                 return
             except OSError as e:
-                if e.errno == errno.EIO:
-                    self._error(e)
-                    return
-                # EINVAL: no splice from SRC on this kernel; EPIPE: nobody reads DST
-                # (read and drop, so the container never blocks).
-                self.splice = False
-            else:
-                if not n:
-                    self._end()
+                self._error(e)
                 return
-        try:
-            data = os.read(self.src, CHUNK)
-        except BlockingIOError:
-            return
-        except OSError as e:
-            self._error(e)
-            return
-        if not data:
-            self._end()
-            return
-        if self.filter is not None:
-            data = self.filter(data)
-        self.feed(data)
+            if not data:
+                self._end()
+                return
+            if self.filter is not None:
+                data = self.filter(data)
+            self.feed(data)
+            if not self.reading:  # DST is full: _writable resumes
+                return
 
     def _error(self, e: OSError) -> None:
         self._pause()
