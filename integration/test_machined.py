@@ -335,6 +335,27 @@ def test_run_registers_pflask_name(
     assert_nothing_left(testhost, name, host_mounts)
 
 
+def test_uuid_is_the_registered_machine_id(
+    testhost: Any, host_mounts: set[str], busybox_root: Path
+) -> None:
+    uuid = "0123456789abcdef0123456789abcdef"
+    m = Machine(testhost, "uuid-run", [*MACHINEPY, "run", "--machine=uuid-run", f"--uuid={uuid}",
+                                       "-r", str(busybox_root), "--", "sleep", "1000"])
+    props = wait_for(m.show, 20, "uuid-run to register")
+    assert props["Id"] == uuid
+
+    def environ() -> list[str]:  # once PID 1 has exec'd sleep
+        r = testhost.run(["cat", f"/proc/{props['Leader']}/environ"])
+        return r.stdout.split("\0") if "sleep" in testhost.run(
+            ["cat", f"/proc/{props['Leader']}/comm"]).stdout else []
+
+    env = wait_for(environ, 20, "uuid-run's sleep")
+    assert "container_uuid=01234567-89ab-cdef-0123-456789abcdef" in env
+    assert testhost.run(["machinectl", "terminate", "uuid-run"]).returncode == 0
+    m.wait_exit(30)
+    assert_nothing_left(testhost, "uuid-run", host_mounts)
+
+
 def test_register_no(testhost: Any, host_mounts: set[str], busybox_root: Path) -> None:
     r = testhost.run(
         [*MACHINEPY, "run", "--register=no", "-r", str(busybox_root), "--", "sh", "-c", "echo ok"]

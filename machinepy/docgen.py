@@ -314,3 +314,28 @@ def man_main(argv: Sequence[str]) -> int:
         return 2
     sys.stdout.write(manpage())
     return 0
+
+
+# ---------------------------------------------------------------------------
+# README's reference of the container options
+
+
+def options_reference() -> str:
+    """The option table as an RST table: README has this very text (tests/test_options.py)."""
+    from machinepy.core.options import NAMESPACE_FLAGS, SETTINGS, VERBS
+
+    rows = [("Command line", "CreateContainer option", "What it does")]
+    for s in SETTINGS:
+        meta = s.metavar or "|".join(s.choices)
+        shown = NAMESPACE_FLAGS.values() if s.cli == "namespaces" else s.flags
+        cli_ = ", ".join(f"``{f}={meta}``" if f == s.long and meta and s.cli != "flag"
+                         else f"``{f}``" for f in shown) or "(none)"
+        if s.verbs != VERBS:
+            cli_ += f" ({', '.join(s.verbs)})"
+        bus = " or ".join(f"``{sig}``" for sig in (s.signature, *s.also))
+        what = "; ".join(x for x in (s.help, s.struct and f"on the bus: {s.struct}") if x)
+        rows.append((cli_, f"``{s.key}`` {bus}", what))
+    widths = [max(len(r[i]) for r in rows) for i in range(2)] + [len(rows[0][2])]
+    rule = "  ".join("=" * w for w in widths)
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return "\n".join([rule, lines[0], rule, *lines[1:], rule]) + "\n"

@@ -85,7 +85,7 @@ def test_boot_name_means_var_lib_machines(tmp_path: Path, monkeypatch: pytest.Mo
     (tmp_path / "machines/deb/sbin/init").symlink_to("/nonexistent")
     seen = {}
 
-    def supervise(spec: object) -> int:
+    def supervise(spec: object, **kw: object) -> int:
         seen["spec"] = spec
         return 0
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from machinepy.cli.run import build_parser, find_init, main, spec_from_args
+from machinepy.cli.run import build_parser, main, spec_from_args
+from machinepy.core.options import find_init
 from machinepy.core.spec import SpecError
 
 

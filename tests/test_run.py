@@ -141,6 +141,16 @@ def test_chroot_environment(busybox_root: Path) -> None:
     assert kept.stdout.strip() == "leak"
 
 
+def test_uuid_is_container_uuid(busybox_root: Path) -> None:
+    r = sh(busybox_root, "echo $container_uuid", "--uuid=0123456789ABCDEF0123456789abcdef")
+    assert (r.returncode, r.stdout) == (0, "01234567-89ab-cdef-0123-456789abcdef\n"), r.stderr
+    r = sh(busybox_root, "echo ${container_uuid-none}")
+    assert r.stdout == "none\n"  # unregistered, unbooted: no machine id, as before
+    r = sh(busybox_root, "true", "--uuid=00000000000000000000000000000000")
+    assert (r.returncode, r.stderr) == (2, "machinepy: invalid --uuid: the machine id may not "
+                                           "be all zeros\n")
+
+
 def test_user_and_chdir(busybox_root: Path) -> None:
     r = sh(busybox_root, "id -u; id -g; pwd; echo $HOME", "-u", "user", "-c", "/tmp")
     assert r.returncode == 0, r.stderr

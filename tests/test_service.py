@@ -197,16 +197,17 @@ async def abusctl(address: str, *args: str, uid: int = 0) -> subprocess.Complete
 
 def test_options_mirror_the_cli(tmp_path: Path) -> None:
     spec = spec_from_options("box", str(tmp_path), ["/bin/sh", "-c", "true"], {
-        "Hostname": Variant("s", "inbox"),
-        "Mounts": Variant("as", [f"bind-ro:{tmp_path}:/data", "tmp:/scratch"]),
-        "Tmpfs": Variant("as", ["/tmp:size=16M"]),
-        "Ephemeral": Variant("b", True),
-        "EphemeralSize": Variant("s", "1G"),
-        "Environment": Variant("as", ["A=1,2", "B=x"]),
-        "Netifs": Variant("as", [""]),
-        "UserMap": Variant("as", ["0:100000:65536"]),
-        "Properties": Variant("as", ["MemoryMax=64M"]),
-        "NoNamespaces": Variant("as", ["ipc"]),
+        "Hostname": ("s", "inbox"),
+        "Mounts": ("a(sssss)", [("bind-ro", "/data", str(tmp_path), "", ""),
+                                ("tmp", "/scratch", "", "", "")]),
+        "Tmpfs": ("a(ss)", [("/tmp", "size=16M")]),
+        "Ephemeral": ("b", True),
+        "EphemeralSize": ("s", "1G"),
+        "Environment": ("as", ["A=1,2", "B=x"]),
+        "Netifs": ("a(sss)", []),
+        "UserMap": ("a(uuu)", [(0, 100000, 65536)]),
+        "Properties": ("as", ["MemoryMax=64M"]),
+        "NoNamespaces": ("as", ["ipc"]),
     })
     assert spec.machine == "box" and spec.root == str(tmp_path)
     assert spec.hostname == "inbox"
@@ -220,59 +221,61 @@ def test_options_mirror_the_cli(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("options", "message"), [
-    ({"Bogus": Variant("b", True)}, "unknown option 'Bogus'"),
-    ({"Hostname": Variant("i", 3)}, "option 'Hostname' must be of type 's', not 'i'"),
-    ({"Mounts": Variant("as", ["bind:/nonexistent-src:/x"])}, "does not exist"),
-    ({"Boot": Variant("b", True)}, "Boot needs a root directory"),
-    ({"NoNamespaces": Variant("as", ["time"])}, "unknown namespace 'time'"),
-    ({"Ephemeral": Variant("b", True)}, "--ephemeral needs --chroot"),
-    ({"PrivateUsers": Variant("s", "maybe")}, "PrivateUsers must be 'pick' or 'no'"),
-    ({"PrivateUsersOwnership": Variant("s", "bind")}, "must be one of auto, map, chown"),
-    ({"BaseEnvironment": Variant("as", ["PATH"])}, "'PATH' is not NAME=VALUE"),
-    ({"LandlockScope": Variant("s", "files")}, "unknown scope 'files'"),
-    ({"Netifs": Variant("as", [""]), "NoNamespaces": Variant("as", ["net"])},
+    ({"Bogus": ("b", True)}, "unknown option 'Bogus'"),
+    ({"Hostname": ("i", 3)}, "option 'Hostname' must be of type 's', not 'i'"),
+    ({"Mounts": ("a(sssss)", [("bind", "/x", "/nonexistent-src", "", "")])}, "does not exist"),
+    ({"Boot": ("b", True)}, "Boot needs a root directory"),
+    ({"NoNamespaces": ("as", ["time"])}, "unknown namespace 'time'"),
+    ({"Ephemeral": ("b", True)}, "--ephemeral needs --chroot"),
+    ({"PrivateUsers": ("s", "maybe")}, "PrivateUsers must be 'pick' or 'no'"),
+    ({"PrivateUsersOwnership": ("s", "bind")}, "must be one of auto, map, chown"),
+    ({"BaseEnvironment": ("as", ["PATH"])}, "'PATH' is not NAME=VALUE"),
+    ({"LandlockScope": ("as", ["files"])}, "unknown scope 'files'"),
+    ({"Netifs": ("a(sss)", []), "NoNamespaces": ("as", ["net"])},
      "--no-netns contradicts --netif"),
-    ({"NetifAddresses": Variant("as", ["lo=10.0.0.1/8"])}, "--netif-address needs --netif"),
-    ({"UserMap": Variant("as", ["0:100000:65536"]), "NoNamespaces": Variant("as", ["user"])},
+    ({"NetifAddresses": ("a(ss)", [("lo", "10.0.0.1/8")])}, "--netif-address needs --netif"),
+    ({"UserMap": ("a(uuu)", [(0, 100000, 65536)]), "NoNamespaces": ("as", ["user"])},
      "--no-userns contradicts --user-map"),
-    ({"Properties": Variant("as", ["MemoryMax=64M"]), "Register": Variant("b", False)},
+    ({"Properties": ("as", ["MemoryMax=64M"]), "Register": ("b", False)},
      "needs --register=yes"),
-    ({"Tmpfs": Variant("as", ["/tmp:size=0"])}, "invalid --tmpfs '/tmp:size=0': size '0'"),
-    ({"EphemeralSize": Variant("s", "1G")}, "--ephemeral-size needs --ephemeral"),
-    ({"EphemeralSize": Variant("s", "")}, "invalid --ephemeral-size: size ''"),
-    ({"Hostname": Variant("s", "rel_x")}, "invalid hostname 'rel_x'"),
-    ({"Hostname": Variant("s", "-rel")}, "invalid hostname '-rel'"),
-    ({"Hostname": Variant("s", "a\nb")}, r"invalid hostname 'a\\nb'"),
-    ({"NetifRoutes": Variant("as", ["lo=default,via=x"])},
+    ({"Tmpfs": ("a(ss)", [("/tmp", "size=0")])}, "invalid --tmpfs '/tmp:size=0': size '0'"),
+    ({"EphemeralSize": ("s", "1G")}, "--ephemeral-size needs --ephemeral"),
+    ({"EphemeralSize": ("s", "")}, "invalid --ephemeral-size: size ''"),
+    ({"Hostname": ("s", "rel_x")}, "invalid hostname 'rel_x'"),
+    ({"Hostname": ("s", "-rel")}, "invalid hostname '-rel'"),
+    ({"Hostname": ("s", "a\nb")}, r"invalid hostname 'a\\nb'"),
+    ({"NetifRoutes": ("a(sss)", [("lo", "default", "x")])},
      r"^invalid --netif-route 'lo=default,via=x': bad gateway 'x'$"),
 ])
-def test_bad_options_are_one_line_errors(options: dict[str, Variant], message: str) -> None:
+def test_bad_options_are_one_line_errors(options: dict[str, tuple[str, object]],
+                                         message: str) -> None:
     with pytest.raises(SpecError, match=message) as e:
         spec_from_options("x", "", ["true"], options)
     assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize(("options", "message"), [
-    ({"NoNamespaces": Variant("as", ["pid"])}, "boot contradicts --no-pidns"),
-    ({"NoNamespaces": Variant("as", ["uts"])}, "boot contradicts --no-utsns"),
-    ({"User": Variant("s", "root")}, "boot takes no --user"),
-    ({"WorkingDirectory": Variant("s", "/")}, "boot takes no --chdir"),
-    ({"KeepEnvironment": Variant("b", True)}, "boot takes no --keepenv"),
+    ({"NoNamespaces": ("as", ["pid"])}, "boot contradicts --no-pidns"),
+    ({"NoNamespaces": ("as", ["uts"])}, "boot contradicts --no-utsns"),
+    ({"User": ("s", "root")}, "boot takes no --user"),
+    ({"WorkingDirectory": ("s", "/")}, "boot takes no --chdir"),
+    ({"KeepEnvironment": ("b", True)}, "boot takes no --keepenv"),
 ])
-def test_boot_contradictions_are_one_line_errors(tmp_path: Path, options: dict[str, Variant],
+def test_boot_contradictions_are_one_line_errors(tmp_path: Path,
+                                                 options: dict[str, tuple[str, object]],
                                                  message: str) -> None:
     (tmp_path / "sbin").mkdir()
     (tmp_path / "sbin/init").symlink_to("/bin/busybox")
     with pytest.raises(SpecError, match=message) as e:
-        spec_from_options("x", str(tmp_path), [], {"Boot": Variant("b", True), **options})
+        spec_from_options("x", str(tmp_path), [], {"Boot": ("b", True), **options})
     assert "\n" not in str(e.value)
 
 
 def test_private_users_and_base_environment(tmp_path: Path) -> None:
     spec = spec_from_options("x", str(tmp_path), ["true"], {
-        "PrivateUsers": Variant("s", "pick"),
-        "PrivateUsersOwnership": Variant("s", "chown"),
-        "BaseEnvironment": Variant("as", ["HOME=/home/me", "EMPTY=", "EQ=a=b"]),
+        "PrivateUsers": ("s", "pick"),
+        "PrivateUsersOwnership": ("s", "chown"),
+        "BaseEnvironment": ("as", ["HOME=/home/me", "EMPTY=", "EQ=a=b"]),
     })
     assert spec.private_users and "user" in spec.namespaces and spec.ownership == "chown"
     assert spec.base_env == (("HOME", "/home/me"), ("EMPTY", ""), ("EQ", "a=b"))
@@ -280,7 +283,8 @@ def test_private_users_and_base_environment(tmp_path: Path) -> None:
 
 
 def test_landlock_scope_option() -> None:
-    spec = spec_from_options("x", "", ["true"], {"LandlockScope": Variant("s", "all")})
+    spec = spec_from_options("x", "", ["true"],
+                             {"LandlockScope": ("as", ["abstract-unix-socket", "signal"])})
     assert spec.landlock_scope == ("abstract-unix-socket", "signal")
 
 
@@ -424,6 +428,26 @@ async def test_lifecycle_create_list_properties_poweroff(client: Client,
 
 
 @pytest.mark.root
+async def test_uuid_is_the_id_and_container_uuid(client: Client, tmp_path: Path) -> None:
+    import uuid
+
+    u = uuid.uuid4()
+    out = tmp_path / "uuid"
+    path = await create(client, "withid", "/", ["/bin/sh", "-c", f"echo $container_uuid > {out}; "
+                                                 "exec sleep 1000"], Uuid=Variant("ay", u.bytes))
+    assert await client.prop(path, "Id") == u.bytes
+    options = await client.prop(path, "Options")
+    assert (options["Uuid"].signature, options["Uuid"].value) == ("ay", u.bytes)
+    deadline = time.monotonic() + TIMEOUT
+    while not out.exists() or not out.read_text():
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    assert out.read_text() == f"{u}\n"
+    await client.manager("TerminateContainer", "s", "withid")
+    await client.wait_signal("ContainerRemoved", "withid")
+
+
+@pytest.mark.root
 async def test_console_is_passed_as_fd(client: Client) -> None:
     path = await create(client, "cons", "/", ["/bin/sh", "-c", "read x; echo got-$x; exit 3"])
     reply = await client.call(path, CONTAINER_IFACE, "OpenConsole")
@@ -499,17 +523,18 @@ def _open_fds() -> dict[int, str]:
 
 @pytest.mark.root
 @pytest.mark.parametrize(("netifs", "routes"), [
-    (["nosuchdev0:eth0"], []),  # refused by the up-front checks
-    (["veth:lo:host0"], []),
-    (["bridge:lo:eth0"], []),
-    (["macvlan:lo:mv0"], []),  # refused by the kernel, after the sockets are made
-    ([""], ["lo=10.9.0.0/16,via=10.231.99.1"]),  # unreachable gateway, at the last step
+    ([("move", "nosuchdev0", "eth0")], []),  # refused by the up-front checks
+    ([("veth", "lo", "host0")], []),
+    ([("bridge", "lo", "eth0")], []),
+    ([("macvlan", "lo", "mv0")], []),  # refused by the kernel, after the sockets are made
+    ([], [("lo", "10.9.0.0/16", "10.231.99.1")]),  # unreachable gateway, at the last step
 ])
 async def test_failed_network_setup_leaks_no_fd_or_namespace(
-        client: Client, netifs: list[str], routes: list[str]) -> None:
+        client: Client, netifs: list[tuple[str, str, str]],
+        routes: list[tuple[str, str, str]]) -> None:
     # Each failed setup used to leave a netlink socket open in the service,
     # bound to the dead container's network namespace (keeping it alive).
-    opts = {"Netifs": Variant("as", netifs), "NetifRoutes": Variant("as", routes)}
+    opts = {"Netifs": Variant("a(sss)", netifs), "NetifRoutes": Variant("a(sss)", routes)}
 
     async def fail() -> None:
         with pytest.raises(Reply) as e:
@@ -543,11 +568,16 @@ async def test_malformed_calls_leave_the_service_up_and_nothing_behind(
         ("CreateContainer", "ssasa{sv}", ["a" * 100, "/", [], {}]),
         ("CreateContainer", "ssasa{sv}", ["x", "relative/root", [], {}]),
         ("CreateContainer", "ssasa{sv}", ["x", "/nonexistent", [], {}]),
-        ("CreateContainer", "ssasa{sv}", ["x", "/", [], {"Netifs": Variant("as", ["a/b:c"])}]),
+        ("CreateContainer", "ssasa{sv}", ["x", "/", [],
+                                          {"Netifs": Variant("a(sss)", [("move", "a/b", "c")])}]),
         ("CreateContainer", "ssasa{sv}", ["x", "/", [], {"Mounts": Variant("s", "x")}]),
-        ("CreateContainer", "ssasa{sv}", ["x", "/", [], {"Mounts": Variant("as", ["bad"])}]),
-        ("CreateContainer", "ssasa{sv}", ["x", "/", [], {"Netifs": Variant("as", ["a:b:c:d"])}]),
-        ("CreateContainer", "ssasa{sv}", ["x", "/", [], {"UserMap": Variant("as", ["1:2"])}]),
+        ("CreateContainer", "ssasa{sv}", ["x", "/", [],
+                                          {"Mounts": Variant("a(sssss)",
+                                                             [("bad", "/x", "", "", "")])}]),
+        ("CreateContainer", "ssasa{sv}", ["x", "/", [],
+                                          {"Netifs": Variant("a(sss)", [("a", "b", "c")])}]),
+        ("CreateContainer", "ssasa{sv}", ["x", "/", [],
+                                          {"UserMap": Variant("a(uuu)", [(1, 2, 0)])}]),
         ("CreateContainer", "ssasa{sv}", ["x", "/", [],
                                           {"Properties": Variant("as", ["Bogus=1"])}]),
         ("CreateContainer", "ssasa{sv}", ["x", "/", [], {"Caps": Variant("as", ["+nope"])}]),
@@ -731,6 +761,7 @@ def test_cli_verbs(bus_address: str, tmp_path: Path, busybox_root: Path) -> None
         assert rows[other]["Command"] == ["sleep", "1000"]
         r = machinepy(bus_address, "status", "web")
         assert "State: running" in r.stdout and f"Root: {busybox_root}" in r.stdout
+        assert "Options: --hostname=webhost --register=no\n" in r.stdout  # not its -s
         assert machinepy(bus_address, "kill", other, "--signal=KILL").returncode == 0
         assert machinepy(bus_address, "poweroff", "web").returncode == 0
         r = machinepy(bus_address, "status", "nope")

@@ -54,3 +54,27 @@ def signal_number(value: str) -> int:
         return parse_signal(value.upper())
     except ValueError:
         raise argparse.ArgumentTypeError(f"unknown signal {quote(value)}") from None
+
+
+def add_options(p: argparse.ArgumentParser, verb: str) -> None:
+    """The container options VERB takes (run, boot, start), from the option table."""
+    from machinepy.core.options import NAMESPACE_FLAGS, settings
+
+    for s in settings(verb):
+        if s.cli == "namespaces":
+            for ns, short in NAMESPACE_FLAGS.items():
+                p.add_argument(short, f"--no-{ns}ns", dest=s.field, action="append_const",
+                               const=ns, help=f"do not create a {ns} namespace")
+            continue
+        kw: dict[str, Any] = {"dest": s.field, "help": s.help.replace("%", "%%") or None}
+        if s.cli == "flag":
+            kw["action"] = "store_true"
+        else:
+            kw.update(metavar=s.metavar, choices=s.choices or None)
+        if s.cli in ("bool", "bool?"):
+            kw["type"] = _bool
+        if s.cli.endswith("?"):
+            kw.update(nargs="?", const=True if s.cli == "bool?" else "")
+        if s.many:
+            kw["action"] = "append"
+        p.add_argument(*s.flags, **kw)

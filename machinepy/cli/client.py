@@ -8,7 +8,6 @@ daemon when it is installed (units/).  Output follows machinectl's.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
@@ -20,9 +19,15 @@ from typing import Any
 from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
-from machinepy.cli.args import Parser, UsageError, signal_number
-from machinepy.cli.run import _container_options
-from machinepy.core.spec import SpecError, parse_setenv
+from machinepy.cli.args import Parser, UsageError, add_options, signal_number
+from machinepy.core.options import (
+    ContainerOptions,
+    options_from_bus,
+    options_from_cli,
+    options_to_argv,
+    options_to_bus,
+)
+from machinepy.core.spec import SpecError
 from machinepy.service.api import BUS_NAME, CONTAINER_IFACE, MANAGER_IFACE, MANAGER_PATH
 
 CALL_TIMEOUT = 60.0  # CreateContainer of a big root with registration can take a while
@@ -79,53 +84,13 @@ def start_parser() -> Parser:
                description="Start a container in the background, managed by the service.")
     p.add_argument("name", metavar="NAME", help="machine name ('' picks one)")
     p.add_argument("root", metavar="ROOTFS", help="root directory ('/' for the host's root)")
-    p.add_argument("--boot", action="store_true", help="boot the init found in ROOTFS")
-    p.add_argument("-c", "--chdir", metavar="DIR", help="working directory inside")
-    p.add_argument("-u", "--user", metavar="USER", help="run the command as USER inside")
-    p.add_argument("-k", "--keepenv", action="store_true", help="keep the environment")
-    _container_options(p, boot=True)
+    add_options(p, "start")
     return p
 
 
-def options_from_args(args: argparse.Namespace) -> dict[str, Variant]:
-    """The inverse of service.spec_from_options: only what was given."""
-    opts: dict[str, Variant] = {}
-
-    def put(key: str, sig: str, value: Any) -> None:
-        if value:
-            opts[key] = Variant(sig, value)
-
-    put("Boot", "b", getattr(args, "boot", False) or getattr(args, "verb", "") == "boot")
-    put("Hostname", "s", args.hostname)
-    # `boot` has no --chdir, --user or --keepenv.
-    put("WorkingDirectory", "s", getattr(args, "chdir", None))
-    put("User", "s", getattr(args, "user", None))
-    put("KeepEnvironment", "b", getattr(args, "keepenv", False))
-    put("Ephemeral", "b", args.ephemeral)
-    put("EphemeralSize", "s", args.ephemeral_size)
-    put("Mounts", "as", args.mount)
-    put("Tmpfs", "as", args.tmpfs)
-    put("Environment", "as", [f"{k}={v}" for item in args.setenv for k, v in parse_setenv(item)])
-    put("Netifs", "as", args.netif)
-    put("NetifAddresses", "as", args.netif_address)
-    put("NetifRoutes", "as", args.netif_route)
-    put("UserMap", "as", args.user_map)
-    if args.private_users != "no":
-        put("PrivateUsers", "s", args.private_users)
-    if args.private_users_ownership != "auto":
-        put("PrivateUsersOwnership", "s", args.private_users_ownership)
-    put("Caps", "as", args.caps)
-    if args.landlock_scope != "none":
-        put("LandlockScope", "s", args.landlock_scope)
-    put("SystemCallFilter", "as", args.system_call_filter)
-    put("NoNewPrivileges", "b", args.no_new_privileges)
-    put("Cgroups", "as", args.cgroup)
-    put("Properties", "as", args.property)
-    put("NoNamespaces", "as", [ns for ns in ("user", "mount", "net", "ipc", "uts", "pid")
-                               if getattr(args, f"no_{ns}", False)])
-    if not args.register:
-        opts["Register"] = Variant("b", False)
-    return opts
+def variants(options: ContainerOptions) -> dict[str, Variant]:
+    """CreateContainer's a{sv}: the options that differ from the defaults."""
+    return {k: Variant(sig, v) for k, (sig, v) in options_to_bus(options).items()}
 
 
 async def start(client: Client, argv: list[str]) -> int:
@@ -136,7 +101,7 @@ async def start(client: Client, argv: list[str]) -> int:
     args = start_parser().parse_args(argv)
     root = args.root if args.root == "/" else os.path.abspath(args.root)
     (path,) = await client.manager("CreateContainer", "ssasa{sv}", args.name, root, command,
-                                   options_from_args(args))
+                                   variants(options_from_cli(vars(args), "start")))
     props = await client.properties(path)
     print(props["Name"])
     return 0
@@ -157,7 +122,8 @@ async def _service_available(client: Client) -> bool:
     return BUS_NAME in names
 
 
-async def _hand_off(args: argparse.Namespace) -> int | None:
+async def _hand_off(options: ContainerOptions, name: str | None, root: str | None,
+                    command: Sequence[str]) -> int | None:
     try:
         client = await Client.connect()
     except Exception:  # no system bus: OSError, auth errors
@@ -165,20 +131,13 @@ async def _hand_off(args: argparse.Namespace) -> int | None:
     try:
         if not await _service_available(client):
             return None
-        if args.verb == "boot":
-            root, command = os.path.abspath(args.root), args.init_args
-        else:
-            root, command = args.chroot or "/", args.command
-            if command[:1] == ["--"]:
-                command = command[1:]
-        opts = options_from_args(args)
         # What a foreground run would inherit from us, not from the daemon.
-        opts["BaseEnvironment"] = Variant("as", [f"{k}={v}" for k, v in os.environ.items()])
-        if args.verb == "run" and args.chroot is None and args.chdir is None:  # pflask's cwd
-            opts["WorkingDirectory"] = Variant("s", os.getcwd())
+        options = options.replace(base_env=tuple(os.environ.items()))
+        if not options.boot and root is None and options.chdir is None:  # pflask's cwd
+            options = options.replace(chdir=os.getcwd())
         try:
-            (path,) = await client.manager("CreateContainer", "ssasa{sv}", args.machine or "",
-                                           root, command, opts)
+            (path,) = await client.manager("CreateContainer", "ssasa{sv}", name or "",
+                                           root or "/", list(command), variants(options))
             name = (await client.properties(path))["Name"]
         except CallError as e:
             print(f"machinepy: {e}", file=sys.stderr)
@@ -192,11 +151,12 @@ async def _hand_off(args: argparse.Namespace) -> int | None:
         await client.close()
 
 
-def hand_off(args: argparse.Namespace) -> int | None:
+def hand_off(options: ContainerOptions, name: str | None, root: str | None,
+             command: Sequence[str]) -> int | None:
     """`run --detach` / `boot --detach`: the container goes to io.machinepy1 when
     that runs or can be activated, so `machinepy list`, busctl and a daemon
     restart see it.  None: no service here; the caller detaches by itself."""
-    return asyncio.run(_hand_off(args))
+    return asyncio.run(_hand_off(options, name, root, command))
 
 
 # ---------------------------------------------------------------------------
@@ -249,8 +209,14 @@ async def list_(client: Client, argv: list[str]) -> int:
     return 0
 
 
-def _jsonable(props: dict[str, Any]) -> dict[str, Any]:
-    return {k: v.hex() if isinstance(v, bytes) else v for k, v in props.items()}
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Variant):
+        return _jsonable(value.value)
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value.hex() if isinstance(value, bytes) else value
 
 
 async def status(client: Client, argv: list[str]) -> int:
@@ -272,6 +238,12 @@ async def status(client: Client, argv: list[str]) -> int:
     print(f"      Registered: {'yes' if props['MachineRegistered'] else 'no'}")
     if props["NetworkInterfaces"]:
         print(f"   Network links: {' '.join(map(str, props['NetworkInterfaces']))}")
+    options = options_from_bus({k: (v.signature, v.value) for k, v in props["Options"].items()})
+    argv = options_to_argv(options.replace(boot=False))
+    if argv:
+        import shlex
+
+        print(f"         Options: {shlex.join(argv)}")
     return 0
 
 

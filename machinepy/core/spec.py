@@ -402,7 +402,6 @@ class ContainerSpec(NamedTuple):
     base_env: tuple[tuple[str, str], ...] | None = None
     ephemeral: bool = False
     ephemeral_size: str | None = None  # the upper layer's tmpfs size; None: mounts.py's
-    detach: bool = False
     boot: bool = False
     namespaces: frozenset[Namespace] = frozenset({"mount", "pid", "ipc", "uts", "cgroup"})
     netifs: tuple[NetifSpec, ...] = ()
@@ -416,7 +415,6 @@ class ContainerSpec(NamedTuple):
     machine: str | None = None  # None: pflask-<leader pid>
     register: bool = True
     properties: tuple[UnitProperty, ...] = ()
-    notify_ready: bool = False
     private_users: bool = False  # --private-users=pick: maps chosen at start-up
     # How the tree's owners meet the picked range: an idmapped mount ("map"), a
     # one-time lchown ("chown"), or map where the filesystem allows it ("auto").
@@ -426,7 +424,7 @@ class ContainerSpec(NamedTuple):
     # container cut off from the host's abstract sockets, and from signalling
     # anything outside it.
     landlock_scope: tuple[str, ...] = ()
-    # --system-call-filter items (seccomp.parse_filter): NAME or @GROUP to allow, ~ to deny
+    # --system-call-filter items (syscall_groups.parse_filter): NAME or @GROUP to allow, ~ to deny
     system_call_filter: tuple[str, ...] = ()
     no_new_privileges: bool = False
 

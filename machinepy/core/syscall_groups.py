@@ -9,6 +9,10 @@ a --system-call-filter is checked.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
+from machinepy.core.spec import SpecError
+
 GROUPS: dict[str, tuple[str, ...]] = {
     "@default": (
         "arch_prctl", "brk", "cacheflush", "clock_getres", "clock_getres_time64", "clock_gettime",
@@ -240,3 +244,40 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "vmsplice", "wait4", "waitid", "waitpid", "write", "writev",
     ),
 }
+
+
+def parse_filter(specs: Iterable[str]) -> tuple[str, ...]:
+    """`[~]NAME @GROUP …` options → validated items, each NAME or ~NAME, in order."""
+    groups = GROUPS
+    known = expand(groups, groups)  # @known, and the few names only a group lists
+    out: list[str] = []
+    for spec in specs:
+        deny = spec.startswith("~")
+        names = spec[1:].split() if deny else spec.split()
+        if not names:
+            raise SpecError(f"invalid --system-call-filter '{spec}': no system call named")
+        for name in names:
+            if name.startswith("@") and name not in groups:
+                raise SpecError(f"invalid --system-call-filter '{spec}': unknown group "
+                                f"'{name}' (see systemd.exec(5), SystemCallFilter=)")
+            if not name.startswith("@") and name not in known:
+                raise SpecError(f"invalid --system-call-filter '{spec}': unknown system "
+                                f"call '{name}'")
+            out.append(("~" if deny else "") + name)
+    return tuple(out)
+
+
+def expand(names: Iterable[str], groups: dict[str, tuple[str, ...]]) -> set[str]:
+    """System call names in NAMES, groups (and groups within groups) resolved."""
+    out: set[str] = set()
+    todo, seen = list(names), set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        if name.startswith("@"):
+            todo.extend(groups[name])
+        else:
+            out.add(name)
+    return out

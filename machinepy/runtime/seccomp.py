@@ -50,8 +50,6 @@ import sys
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
-from machinepy.core.spec import SpecError
-
 # Bump when the rules below change in a way the cache key cannot see.
 FILTER_VERSION = 1
 
@@ -119,55 +117,14 @@ class Filter(NamedTuple):
 # --system-call-filter, nspawn's syntax: names and @groups, ~ to deny
 
 
-def _groups() -> dict[str, tuple[str, ...]]:
-    from machinepy.core.syscall_groups import GROUPS
-
-    return GROUPS
-
-
-def parse_filter(specs: Iterable[str]) -> tuple[str, ...]:
-    """`[~]NAME @GROUP …` options → validated items, each NAME or ~NAME, in order."""
-    groups = _groups()
-    known = expand(groups, groups)  # @known, and the few names only a group lists
-    out: list[str] = []
-    for spec in specs:
-        deny = spec.startswith("~")
-        names = spec[1:].split() if deny else spec.split()
-        if not names:
-            raise SpecError(f"invalid --system-call-filter '{spec}': no system call named")
-        for name in names:
-            if name.startswith("@") and name not in groups:
-                raise SpecError(f"invalid --system-call-filter '{spec}': unknown group "
-                                f"'{name}' (see systemd.exec(5), SystemCallFilter=)")
-            if not name.startswith("@") and name not in known:
-                raise SpecError(f"invalid --system-call-filter '{spec}': unknown system "
-                                f"call '{name}'")
-            out.append(("~" if deny else "") + name)
-    return tuple(out)
-
-
-def expand(names: Iterable[str], groups: dict[str, tuple[str, ...]]) -> set[str]:
-    """System call names in NAMES, groups (and groups within groups) resolved."""
-    out: set[str] = set()
-    todo, seen = list(names), set()
-    while todo:
-        name = todo.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        if name.startswith("@"):
-            todo.extend(groups[name])
-        else:
-            out.add(name)
-    return out
-
-
 def resolve(items: Sequence[str], retained: Iterable[str]) -> Filter:
     """The default list adjusted by ITEMS (from parse_filter) and the kept capabilities.
 
     As in nspawn, a denial wins over any allowance, whatever their order.
     """
-    groups = _groups()
+    from machinepy.core.syscall_groups import GROUPS as groups
+    from machinepy.core.syscall_groups import expand
+
     keep = set(retained)
     allow_names = [*DEFAULT_GROUPS, *DEFAULT_CALLS]
     allow_names += [g for cap, g in CAP_GROUPS if cap in keep]

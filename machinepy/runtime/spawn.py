@@ -28,7 +28,7 @@ def container_env(
     if pw is not None and (spec.root is not None or spec.user is not None) and not spec.keepenv:
         env.update(HOME=pw.home, USER=pw.name, LOGNAME=pw.name)
     env["container"] = "machinepy"
-    if spec.boot:
+    if spec.machine_id is not None:  # booted (a random one), or --uuid
         env["container_uuid"] = str(spec.machine_id)
     env.update(spec.setenv)
     return env

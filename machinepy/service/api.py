@@ -77,6 +77,7 @@ CONTAINER_PROPERTIES = (
     ("Name", "s"), ("Id", "ay"), ("State", "s"), ("Leader", "u"), ("RootDirectory", "s"),
     ("Command", "as"), ("Boot", "b"), ("Unit", "s"), ("MachineRegistered", "b"),
     ("Since", "t"), ("ExitStatus", "i"), ("NetworkInterfaces", "ai"),
+    ("Options", "a{sv}"),  # CreateContainer's, less the environment (it may hold secrets)
 )
 METHODS = {MANAGER_IFACE: {m.name: m for m in MANAGER_METHODS},
            CONTAINER_IFACE: {m.name: m for m in CONTAINER_METHODS}}

@@ -41,8 +41,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from machinepy.core import sd
+from machinepy.core.options import DEFAULTS, build_spec, options_from_bus, options_to_bus
 from machinepy.core.peer import start_time
-from machinepy.core.spec import ContainerSpec
 from machinepy.runtime.console import Drain
 from machinepy.service.manager import Entry, Hooks, Service
 from machinepy.supervise.stop import STOP_TIMEOUT, StopPolicy
@@ -132,6 +132,8 @@ class Record(NamedTuple):
     registered: bool
     since: int
     ifindices: list[int]
+    # CreateContainer's options, as on the bus: KEY → [signature, value]
+    options: dict[str, list[Any]] = {}  # noqa: RUF012 - never changed
 
     @classmethod
     def of(cls, entry: Entry) -> Record:
@@ -141,7 +143,8 @@ class Record(NamedTuple):
                    list(c.spec.command), c.spec.boot,
                    c.spec.machine_id.hex if c.spec.machine_id else None, c.unit,
                    c.registered, entry.since,
-                   list(getattr(entry.control, "ifindices", []) or []))
+                   list(getattr(entry.control, "ifindices", []) or []),
+                   {k: [sig, v] for k, (sig, v) in options_to_bus(entry.options).items()})
 
 
 class StateDir:
@@ -160,7 +163,10 @@ class StateDir:
         self.path.mkdir(mode=0o755, parents=True, exist_ok=True)
         tmp = self.path / f".{entry.name}.tmp"
         try:
-            tmp.write_text(json.dumps(record._asdict()))
+            # Root's only: the container's environment is in there.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            with open(fd, "w") as f:
+                json.dump(record._asdict(), f, default=list)  # bytes (ay) as a list
             tmp.replace(self.file(entry.name))
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -382,16 +388,22 @@ class Daemon:
         if not alive:
             os.close(pidfd)
             return None
-        spec = ContainerSpec(command=tuple(rec.command), root=rec.root, boot=rec.boot,
-                             machine=rec.name,
-                             machine_id=uuid.UUID(rec.machine_id) if rec.machine_id else None)
+        try:
+            options = options_from_bus({k: (sig, v) for k, (sig, v) in rec.options.items()})
+        except ValueError as e:  # SpecError: a value this version no longer takes
+            log.warning("container %s: forgetting its options: %s", rec.name, e)
+            options = DEFAULTS
+        options = options.replace(boot=rec.boot)
+        spec = build_spec(options, name=rec.name, root=rec.root, command=rec.command,
+                          init=False).replace(
+            machine_id=uuid.UUID(rec.machine_id) if rec.machine_id else None)
         c = Container(spec)
         c.name, c.leader, c.unit, c.registered = rec.name, rec.leader, rec.unit, rec.registered
         if rec.registered and rec.root:
             claim_propagate_dir(rec.name, rec.leader, rec.start_time)
         c.state = "running"
         entry = Entry(rec.name, Adopted(c, pidfd, self.stop_timeout, rec.ifindices),
-                      since=rec.since)
+                      since=rec.since, options=options)
         fd = self.stored.pop(CONSOLE_FDNAME + rec.name, -1)
         if fd >= 0:
             entry.console = Drain(asyncio.get_running_loop(), fd, owned=True)

@@ -22,14 +22,28 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, NamedTuple, Protocol
 
 from dbus_fast import ArgDirection, Message, MessageFlag, MessageType, PropertyAccess, Variant
 from dbus_fast import introspection as intr
 from dbus_fast.aio import MessageBus
 
-from machinepy.core.spec import OWNERSHIPS, SpecError, check_machine_name, one_line, quote, validate
+from machinepy.core.options import (
+    DEFAULTS,
+    ContainerOptions,
+    build_spec,
+    options_from_bus,
+    options_to_bus,
+)
+from machinepy.core.spec import (
+    ContainerSpec,
+    SpecError,
+    check_machine_name,
+    one_line,
+    quote,
+    validate,
+)
 from machinepy.runtime.console import Drain
 from machinepy.service.api import (
     BUS_NAME,
@@ -82,114 +96,24 @@ def _standard_interfaces() -> list[intr.Interface]:
 
 
 # ---------------------------------------------------------------------------
-# Options of CreateContainer: the CLI's, by name and D-Bus type.
-
-
-class Option(NamedTuple):
-    signature: str
-    dest: str  # the argparse destination of the matching CLI option
-
-
-OPTIONS = {
-    "Boot": Option("b", "boot"),
-    "Mounts": Option("as", "mount"),
-    "Hostname": Option("s", "hostname"),
-    "Ephemeral": Option("b", "ephemeral"),
-    "EphemeralSize": Option("s", "ephemeral_size"),  # as --ephemeral-size
-    "Tmpfs": Option("as", "tmpfs"),  # PATH[:OPTIONS] entries, as --tmpfs
-    "Environment": Option("as", "setenv"),
-    "KeepEnvironment": Option("b", "keepenv"),
-    # NAME=VALUE entries a host-root (or KeepEnvironment) container starts from
-    # instead of the daemon's own environment: `run --detach` sends the caller's.
-    "BaseEnvironment": Option("as", "base_env"),
-    "WorkingDirectory": Option("s", "chdir"),
-    "User": Option("s", "user"),
-    "Netifs": Option("as", "netif"),  # "" alone: a private network with only lo
-    "NetifAddresses": Option("as", "netif_address"),
-    "NetifRoutes": Option("as", "netif_route"),
-    "UserMap": Option("as", "user_map"),
-    "PrivateUsers": Option("s", "private_users"),  # "pick" or "no", as --private-users
-    "PrivateUsersOwnership": Option("s", "private_users_ownership"),  # auto, map, chown
-    "Caps": Option("as", "caps"),
-    "LandlockScope": Option("s", "landlock_scope"),  # as --landlock-scope
-    "SystemCallFilter": Option("as", "system_call_filter"),  # as --system-call-filter
-    "NoNewPrivileges": Option("b", "no_new_privileges"),
-    "Cgroups": Option("as", "cgroup"),
-    "Properties": Option("as", "property"),
-    "Register": Option("b", "register"),
-    "NoNamespaces": Option("as", "no_namespaces"),  # user mount net ipc uts pid
-}
-NO_NAMESPACES = ("user", "mount", "net", "ipc", "uts", "pid")
-
-
-def _escape_item(text: str) -> str:
-    # The CLI splits --setenv on ','; an option list carries one item per entry.
-    return text.replace("\\", "\\\\").replace(",", "\\,")
+# CreateContainer → the ContainerSpec the CLI would make (core.options: the table)
 
 
 def spec_from_options(name: str, root_directory: str, command: Sequence[str],
-                      options: dict[str, Variant]) -> Any:
-    """The same ContainerSpec the CLI would make; SpecError on any bad input."""
-    from machinepy.cli.run import build_parser, spec_from_args
+                      options: Mapping[str, tuple[str, object]]) -> ContainerSpec:
+    """OPTIONS: the a{sv} as (signature, value) pairs; SpecError on any bad input."""
+    return spec_of(name, root_directory, command, options_from_bus(options))
 
-    values: dict[str, Any] = {}
-    for key, variant in options.items():
-        opt = OPTIONS.get(key)
-        if opt is None:
-            raise SpecError(f"unknown option {quote(key)} (known: {', '.join(sorted(OPTIONS))})")
-        if variant.signature != opt.signature:
-            raise SpecError(f"option {quote(key)} must be of type {quote(opt.signature)}, "
-                            f"not {quote(variant.signature)}")
-        values[opt.dest] = variant.value
-    boot = bool(values.pop("boot", False))
+
+def spec_of(name: str, root_directory: str, command: Sequence[str],
+            options: ContainerOptions) -> ContainerSpec:
     root = root_directory or None
-    if boot and root is None:
+    if options.boot and root is None:
         raise SpecError("Boot needs a root directory")
-    no_ns = values.pop("no_namespaces", [])
-    base_env = values.pop("base_env", None)
-    if base_env is not None:
-        base_env = tuple(_env_entry(e) for e in base_env)
-    for ns in no_ns:
-        if ns not in NO_NAMESPACES:
-            raise SpecError(f"unknown namespace {quote(ns)} in NoNamespaces")
-    if values.get("private_users", "no") not in ("pick", "no"):
-        raise SpecError("PrivateUsers must be 'pick' or 'no', not "
-                        + quote(values["private_users"]))
-    if values.get("private_users_ownership", "auto") not in OWNERSHIPS:
-        raise SpecError("PrivateUsersOwnership must be one of " + ", ".join(OWNERSHIPS))
-    # Start from the CLI parser's own defaults, so a new CLI option can never be
-    # missing here; then lay the D-Bus options over them.
-    args = build_parser().parse_args(["run"])
-    vars(args).update(values)
-    vars(args).update(
-        verb="boot" if boot else "run", root=root, chroot=root, command=list(command),
-        init_args=list(command), machine=name or None, detach=False, notify_ready=False,
-        ephemeral=bool(values.get("ephemeral")), keepenv=bool(values.get("keepenv")),
-        setenv=[_escape_item(e) for e in values.get("setenv", [])],
-        **{f"no_{ns}": ns in no_ns for ns in NO_NAMESPACES},
-    )
-    if boot and root is not None and not root.startswith("/"):
-        raise SpecError(f"root directory {quote(root)} is not absolute")
-    if boot and root is not None and not os.path.isdir(root):
-        raise SpecError(f"root directory {quote(root)} does not exist or is not a directory")
-    for text in (name, root_directory, args.hostname or "", args.chdir or "", args.user or "",
-                 *command):
-        if "\0" in text:
-            raise SpecError("strings must not contain NUL bytes")
-    try:
-        spec = spec_from_args(args)
-    except ValueError as e:  # SpecError and what parsers raise
-        raise SpecError(str(e)) from None
-    if base_env is not None:
-        spec = spec.replace(base_env=base_env)
+    if any("\0" in text for text in (name, root_directory, *command)):
+        raise SpecError("strings must not contain NUL bytes")
+    spec = build_spec(options, name=name or None, root=root, command=command)
     return with_machine_id(validate(spec))
-
-
-def _env_entry(text: str) -> tuple[str, str]:
-    name, eq, value = text.partition("=")
-    if not name or not eq or "\0" in text:
-        raise SpecError(f"BaseEnvironment entry {quote(text)} is not NAME=VALUE")
-    return name, value
 
 
 # ---------------------------------------------------------------------------
@@ -209,8 +133,10 @@ class Control(Protocol):
 class Entry:
     """One container of the service."""
 
-    def __init__(self, name: str, control: Control | None, since: int | None = None) -> None:
+    def __init__(self, name: str, control: Control | None, since: int | None = None,
+                 options: ContainerOptions = DEFAULTS) -> None:
         self.name = name
+        self.options = options  # what it was asked for: its state file, its Options
         self.path = container_path(name)
         self.control = control
         self.container: Container | None = control.container if control else None
@@ -242,6 +168,8 @@ class Entry:
             "Since": Variant("t", self.since),
             "ExitStatus": Variant("i", self.exit_status),
             "NetworkInterfaces": Variant("ai", ifindices),
+            "Options": Variant("a{sv}", {k: Variant(sig, v) for k, (sig, v) in
+                                         options_to_bus(self.options, public=True).items()}),
         }
 
 
@@ -303,10 +231,11 @@ class Service:
         if name in self.entries:
             raise ServiceError("AlreadyExists", f"container '{name}' already exists")
         try:
-            spec = spec_from_options(name, root_directory, command, options)
+            opts = options_from_bus({k: (v.signature, v.value) for k, v in options.items()})
+            spec = spec_of(name, root_directory, command, opts)
         except SpecError as e:
             raise ServiceError("InvalidArgument", one_line(str(e))) from None
-        entry = Entry(name, None)
+        entry = Entry(name, None, options=opts)
         started: asyncio.Future[None] = self.loop.create_future()
 
         def on_error(msg: str) -> None:

@@ -39,6 +39,9 @@ def _asyncio_loop() -> LoopLike:
 
 
 def with_machine_id(spec: ContainerSpec) -> ContainerSpec:
+    """A random machine id where none was asked for (--uuid)."""
+    if spec.machine_id is not None:
+        return spec
     import uuid  # not on the plain `run` path: it drags in platform
 
     return spec.replace(machine_id=uuid.uuid4())
@@ -111,8 +114,6 @@ ConsoleMode = Literal["interactive", "passive", "pipe", "detached", "service"]
 
 def default_console_mode(spec: ContainerSpec) -> ConsoleMode:
     """A pty when we have a terminal; a booted OS always gets one for /dev/console."""
-    if spec.detach:
-        return "detached"
     if consolemod.interactive():
         return "interactive"
     return "passive" if spec.boot else "pipe"
@@ -124,7 +125,8 @@ class Supervisor:
                  on_error: Callable[[str], None] | None = None,
                  on_started: Callable[[Container], None] | None = None,
                  on_console: Callable[[int], Callable[[], None]] | None = None,
-                 handle_signals: bool = True, loop: LoopLike | None = None) -> None:
+                 handle_signals: bool = True, loop: LoopLike | None = None,
+                 notify_ready: bool = False) -> None:
         if spec.machine_id is None and spec.boot:
             spec = with_machine_id(spec)  # container_uuid, and machined's id
         self.spec = spec
@@ -133,6 +135,7 @@ class Supervisor:
         self.die_with_supervisor = die_with_supervisor
         self.on_error = on_error or (lambda msg: print(f"machinepy: {msg}", file=sys.stderr))
         self.on_started = on_started
+        self.notify_ready = notify_ready  # forward READY=1 to our own NOTIFY_SOCKET
         # Console "service": gets the pty master, returns what lets go of it.
         self.on_console = on_console
         # False in the daemon: its SIGTERM stops the daemon, never the containers.
@@ -388,7 +391,7 @@ class Supervisor:
                 return
             if msg.get("READY") == "1" and not self.is_ready:
                 self._set_ready()
-                if self.spec.notify_ready:
+                if self.notify_ready:
                     notifymod.sd_notify("READY=1")
 
         loop.add_reader(sock.fileno(), readable)
