@@ -6,9 +6,9 @@ Used only when stdin and stdout are terminals, or for a booted container's
 CI) and nothing is relayed.  Here too: what keeps a console nobody watches
 drained (Drain), and the client side of attaching to one (attach).
 
-A pty master gives at most 4 KiB per read (the line discipline's buffer), so
-bulk output is one wake-up per 4 KiB: each costs as little Python as it can.
-Into a pipe the bytes go by splice(2), never through Python at all.
+A pty master gives at most 4 KiB per read (the line discipline's buffer) and
+refills while the relay writes them on: the relay reads until it is empty
+rather than waiting for the loop after every 4 KiB (bench/console.py).
 """
 
 from __future__ import annotations
@@ -17,9 +17,7 @@ import contextlib
 import errno
 import fcntl
 import os
-import select
 import signal
-import stat
 import struct
 import sys
 import termios
@@ -33,8 +31,8 @@ from machinepy.runtime.loop import LoopLike
 ESCAPE = 0x1D  # ^]
 ESCAPE_COUNT = 3
 ESCAPE_WINDOW = 1.0  # seconds, as systemd-nspawn
-CHUNK = 65536  # per read or splice; a pty gives 4 KiB, a bigger splice only costs pages
-BURST = 16  # reads or splices per wake-up at most
+CHUNK = 65536  # per read; a pty gives 4 KiB at most
+BURST = 16  # reads per wake-up at most
 
 
 def interactive() -> bool:
@@ -72,9 +70,10 @@ class Pty:
 class _Pipe:
     """Non-blocking one-way copy with a bounded buffer.
 
-    Into a pipe, unfiltered, the copy is splice(2): one system call per chunk
-    and no copy through user space (where the kernel cannot splice from SRC,
-    it falls back to read and write)."""
+    Not splice(2), although the kernel splices from a pty into a pipe: each
+    splice takes a pipe slot of its own however few bytes it carries, so a
+    pipe nobody reads at the moment holds 16 console lines rather than 64
+    KiB, and a booting container stalls on its console."""
 
     def __init__(self, loop: LoopLike, src: int, dst: int,
                  filter: Callable[[bytes], bytes] | None = None,
@@ -86,10 +85,6 @@ class _Pipe:
         self.reading = False
         self.wanted = False  # started, and not stopped: what a drained buffer resumes
         self.closed = False
-        try:
-            self.splice = filter is None and stat.S_ISFIFO(os.fstat(dst).st_mode)
-        except OSError:
-            self.splice = False
 
     def start(self) -> None:
         self.wanted = True
@@ -106,29 +101,7 @@ class _Pipe:
         # The pty refills its 4 KiB while we copy them: go on until it is empty
         # rather than back to the loop (and to sleep) after each 4 KiB, as
         # nspawn's ptyfwd does; bounded, so that the other fds get their turn.
-        for i in range(BURST):
-            if self.splice:
-                try:
-                    n = os.splice(self.src, self.dst, CHUNK, flags=os.SPLICE_F_NONBLOCK)
-                except BlockingIOError:
-                    # SRC empty, or DST full: when nothing moved since we were
-                    # woken for SRC, DST is the likely one.
-                    if not i and not _writable(self.dst):
-                        self._pause()
-                        self.loop.add_writer(self.dst, self._writable)
-                    return
-                except OSError as e:
-                    if e.errno == errno.EIO:
-                        self._error(e)
-                        return
-                    # EINVAL: no splice from SRC on this kernel; EPIPE: nobody reads
-                    # DST (read and drop, so the container never blocks).
-                    self.splice = False
-                else:
-                    if not n:
-                        self._end()
-                        return
-                    continue
+        for _ in range(BURST):
             try:
                 data = os.read(self.src, CHUNK)
             except BlockingIOError:
@@ -221,12 +194,6 @@ class _Pipe:
         self._pause()
         with contextlib.suppress(ValueError, OSError):
             self.loop.remove_writer(self.dst)
-
-
-def _writable(fd: int) -> bool:
-    poll = select.poll()
-    poll.register(fd, select.POLLOUT)
-    return bool(poll.poll(0))
 
 
 class Relay:
