@@ -1,11 +1,13 @@
 # SPDX-License-Identifier: BSD-2-Clause
-"""Build step beyond pyproject.toml: machinepy(1), generated from the command line's
-parsers (machinepy.docgen) while building, installed as share/man/man1/machinepy.1.
-No copy of the page is kept in the tree."""
+"""Build steps beyond pyproject.toml: machinepy(1), generated from the command line's
+parsers (machinepy.docgen) while building, installed as share/man/man1/machinepy.1
+(no copy of the page is kept in the tree); and units/, copied into the package as
+machinepy/data/units, so `machinepy install-units` works from a wheel."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -19,6 +21,10 @@ MAN_PAGE = "build/man/machinepy.1"  # relative: setuptools wants data_files so
 class BuildWithManPage(build_py):
     def run(self) -> None:
         super().run()
+        units = Path(self.build_lib) / "machinepy" / "data" / "units"
+        units.mkdir(parents=True, exist_ok=True)
+        for f in sorted((HERE / "units").iterdir()):
+            shutil.copyfile(f, units / f.name)
         sys.path.insert(0, str(HERE))  # the tree being built, not an installed machinepy
         try:
             from machinepy.docgen import manpage

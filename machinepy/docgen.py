@@ -19,6 +19,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from machinepy import main as main_verbs
 from machinepy.cli import run as cli
 from machinepy.cli.args import Parser, UsageError
 
@@ -61,25 +62,29 @@ def man_parser() -> Parser:
 def _daemon() -> argparse.ArgumentParser:
     from machinepy.service.daemon import build_parser
 
-    return build_parser()
+    return build_parser(Parser)
 
 
-VERBS: VerbTable = [
-    ("start", "start a container in the background, managed by the service", _client("start")),
-    ("list", "list the service's containers", _client("list")),
-    ("status", "show a container of the service", _client("status")),
-    ("attach", "attach to a container's console", _client("attach")),
-    ("poweroff", "shut containers down cleanly", _client("poweroff")),
-    ("reboot", "reboot containers", _client("reboot")),
-    ("terminate", "kill containers at once", _client("terminate")),
-    ("kill", "send a signal to containers", _client("kill")),
-    ("daemon", "run the io.machinepy1 service", _daemon),
-    ("install-units", "install the systemd units and D-Bus files", _client("install-units")),
-    ("bootstrap", "make a bootable Debian or Ubuntu tree", _bootstrap),
-    ("debuild", "build a Debian package in a throw-away container", _debuild),
-    ("completion", "print a bash or zsh completion script", completion_parser),
-    ("man", "print the man page", man_parser),
-]
+def _install() -> Parser:
+    from machinepy.cli.install import parser
+
+    return parser()
+
+
+# Each verb's parser but run's and boot's (cli.run.build_parser has those).
+PARSERS: dict[str, Callable[[], argparse.ArgumentParser]] = {
+    **{verb: _client(verb) for verb in ("start", "list", "status", "attach", "poweroff",
+                                         "reboot", "terminate", "kill")},
+    "daemon": _daemon,
+    "install-units": _install,
+    "bootstrap": _bootstrap,
+    "debuild": _debuild,
+    "completion": completion_parser,
+    "man": man_parser,
+}
+# In the entry point's order, with its help (machinepy.main.VERBS, the one list).
+VERBS: VerbTable = [(v.name, v.help, PARSERS[v.name]) for v in main_verbs.VERBS
+                    if v.name not in ("run", "boot")]
 
 # What positional arguments and options name, for completion (by dest).
 MACHINE_DESTS = {"names", "attach"}  # running machines: `machinepy list`

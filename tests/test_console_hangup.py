@@ -8,7 +8,9 @@ import contextlib
 import os
 from typing import Any
 
-from machinepy.runtime.console import Pty, Relay
+import pytest
+
+from machinepy.runtime.console import Drain, Pty, Relay
 
 
 async def test_stop_cancels_the_hangup_retry() -> None:
@@ -67,3 +69,33 @@ async def test_a_reopened_slave_is_relayed_again() -> None:
         pty.close()
         os.close(r)
         os.close(w)
+
+
+async def test_drain_keeps_an_unwatched_console_writable() -> None:
+    # A console nobody is attached to is read and dropped (the container never
+    # blocks on it); while someone is attached, it is theirs to read.
+    loop = asyncio.get_running_loop()
+    pty = Pty()
+    drain = Drain(loop, pty.master)
+    os.set_blocking(pty.slave, False)
+
+    async def write(total: int) -> None:
+        async with asyncio.timeout(10):
+            while total > 0:
+                try:
+                    total -= os.write(pty.slave, b"x" * 4096)
+                except BlockingIOError:
+                    await asyncio.sleep(0.01)
+
+    try:
+        await write(1 << 20)  # far more than a pty holds
+        drain.attach("client")
+        await asyncio.sleep(0.1)
+        with pytest.raises(BlockingIOError):
+            for _ in range(1000):
+                os.write(pty.slave, b"x" * 4096)
+        drain.detach("client")
+        await write(1 << 20)
+    finally:
+        drain.close()
+        pty.close()

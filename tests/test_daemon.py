@@ -20,12 +20,10 @@ from typing import Any
 
 import pytest
 
-from machinepy.core import linux
+from machinepy.core import linux, sd
 from machinepy.core.spec import ContainerSpec
-from machinepy.service import daemon as daemon_mod
 from machinepy.service.daemon import Adopted, Daemon, Notifier, start_time
 from machinepy.service.manager import Entry
-from machinepy.supervise import supervisor
 from machinepy.supervise.supervisor import PROPAGATE_OWNER_XATTR, Container, sweep_propagate_dirs
 
 
@@ -81,8 +79,7 @@ def test_adoption_claims_propagation_dirs_and_removes_dead_ones(
         sleeper: subprocess.Popen[bytes]) -> None:
     prop = tmp_path / "propagate"
     prop.mkdir()
-    monkeypatch.setattr(daemon_mod, "PROPAGATE_DIR", str(prop))
-    monkeypatch.setattr(supervisor, "PROPAGATE_DIR", str(prop))
+    monkeypatch.setattr(sd, "PROPAGATE_DIR", str(prop))  # the one both read
     dead = subprocess.Popen(["true"])
     dead.wait()
     old_daemon = b"%d 1" % dead.pid  # the supervisor that made both dirs: gone

@@ -315,7 +315,7 @@ async def test_tree_introspection_and_manager_properties(bus_address: str,
     r = await abusctl(bus_address, "get-property", BUS_NAME, MANAGER_PATH, MANAGER_IFACE,
                       "Containers")
     assert r.stdout.strip() == "u 0"
-    # Peer comes from dbus-fast.
+    # Peer is answered by the connection, for every object (as sd-bus does).
     r = await abusctl(bus_address, "call", BUS_NAME, MANAGER_PATH, "org.freedesktop.DBus.Peer",
                       "Ping")
     assert r.returncode == 0, r.stderr
@@ -817,7 +817,10 @@ def test_install_units_into_a_root(tmp_path: Path) -> None:
 
 
 def test_fd_store_preserve_only_where_systemd_has_it() -> None:
-    from machinepy.cli.client import UNITS_DIR, for_systemd
+    from machinepy.cli.install import for_systemd, units_dir
+
+    UNITS_DIR = units_dir()
+    assert UNITS_DIR is not None
     from machinepy.core.sd import systemd_version
 
     unit = (UNITS_DIR / "machinepy.service").read_text()

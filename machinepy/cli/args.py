@@ -9,6 +9,7 @@ import sys
 from typing import Any, NoReturn
 
 from machinepy.core.spec import quote
+from machinepy.core.values import parse_bool, parse_signal
 
 
 class UsageError(Exception):
@@ -41,12 +42,18 @@ class Parser(argparse.ArgumentParser):
 
 
 def _bool(value: str) -> bool:
-    low = value.lower()
-    if low in ("yes", "true", "1", "on"):
-        return True
-    if low in ("no", "false", "0", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected yes or no, got {quote(value)}")
+    try:
+        return parse_bool(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected yes or no, got {quote(value)}") from None
+
+
+def signal_number(value: str) -> int:
+    """An option's signal: SIGTERM, term, 15, RTMIN+3 (machinectl's, any case)."""
+    try:
+        return parse_signal(value.upper())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"unknown signal {quote(value)}") from None
 
 
 def add_options(p: argparse.ArgumentParser, verb: str) -> None:

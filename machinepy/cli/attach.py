@@ -7,10 +7,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import signal
 import socket
 import stat
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from machinepy.core.peer import check_peer
@@ -60,34 +60,10 @@ def connect(key: str) -> socket.socket:
         os.close(fd)
 
 
-async def _relay(loop: MiniLoop, master: int, conn: socket.socket) -> None:
-    done = loop.create_future()
-
-    def finish() -> None:
-        done.set_result(None)
-
-    def check_closed() -> None:
-        if relay.out.closed:
-            finish()
-        elif not done.done():
-            loop.call_later(0.2, check_closed)
-
-    relay = consolemod.Relay(loop, master, finish, interactive=os.isatty(0))
-    relay.start()
-    # The supervisor closes our connection when the container is gone.
-    loop.add_reader(conn.fileno(), finish)
-    loop.add_signal_handler(signal.SIGWINCH, relay.resize)
-    check_closed()
-    try:
-        await done
-    finally:
-        loop.remove_signal_handler(signal.SIGWINCH)
-        loop.remove_reader(conn.fileno())
-        relay.stop()
-
-
-def attach(key: str) -> int:
-    """`machinepy run --attach NAME|PID`: relay the console until ^]^]^]."""
+def attach(key: str, service: Callable[[str], int] | None = None) -> int:
+    """`machinepy run --attach NAME|PID`: relay the console until ^]^]^].  KEY
+    names no `run --detach` supervisor but a container of the D-Bus service:
+    SERVICE(its name) attaches to that one."""
     try:
         conn = connect(key)
         try:
@@ -99,12 +75,9 @@ def attach(key: str) -> int:
         print(f"machinepy: {e}", file=sys.stderr)
         return 2 if str(e).startswith("invalid name") else 1
     except OSError as e:
-        name = _service_name(key)
-        if name is not None:
-            # Not a `run --detach` supervisor's: a container of the D-Bus service.
-            from machinepy.cli import client
-
-            return client.main(["attach", name])
+        name = _service_name(key) if service is not None else None
+        if service is not None and name is not None:
+            return service(name)
         why = "no such detached container" if isinstance(e, FileNotFoundError) else e.strerror
         print(f"machinepy: cannot attach to '{key}': {why or e}", file=sys.stderr)
         return 1
@@ -116,14 +89,14 @@ def attach(key: str) -> int:
               file=sys.stderr)
         return 1
     master = fds[0]
-    print(f"Attached to {key}. Press ^] three times within 1s to detach.", file=sys.stderr)
     try:
         loop = MiniLoop()
-        loop.run(_relay(loop, master, conn))
+        # The supervisor closes our connection when the container is gone.
+        loop.run(consolemod.attach(loop, master, key, loop.create_future(),
+                                   hangup_fd=conn.fileno()))
     finally:
         os.close(master)
         conn.close()
-    print(f"\nDetached from {key}.", file=sys.stderr)
     return 0
 
 

@@ -1,6 +1,6 @@
 # SPDX-License-Identifier: BSD-2-Clause
 """CLI verbs on top of io.machinepy1: start, list, status, poweroff, reboot,
-terminate, kill, attach; plus `daemon` and `install-units`.
+terminate, kill, attach.
 
 Every verb is one or two D-Bus calls; the first call D-Bus-activates the
 daemon when it is installed (units/).  Output follows machinectl's.
@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from machinepy.cli.args import Parser, UsageError
-from machinepy.core import sd
+from machinepy.cli.args import Parser, UsageError, add_options, signal_number
 from machinepy.core.spec import SpecError
 from machinepy.integrate.dbus import (
     DBUS_NAME,
@@ -29,30 +27,11 @@ from machinepy.integrate.dbus import (
 from machinepy.service.api import BUS_NAME, CONTAINER_IFACE, MANAGER_IFACE, MANAGER_PATH
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from machinepy.core.options import ContainerOptions
 
-# `list` and `status` should cost little more than the interpreter: json,
-# pathlib, shutil, subprocess and the options table (~20 ms) are imported by
-# the verbs that use them.
+# `list` and `status` should cost little more than the interpreter: json and
+# the options table are imported by the verbs that use them.
 
-
-def __getattr__(name: str) -> Path:
-    if name == "UNITS_DIR":  # the source checkout's units/ (install-units)
-        from pathlib import Path
-
-        return Path(__file__).resolve().parents[2] / "units"
-    raise AttributeError(name)
-
-
-# Where each file of units/ goes (under --root).
-INSTALL = {
-    "machinepy.service": "etc/systemd/system",
-    "machinepy@.service": "etc/systemd/system",
-    "io.machinepy1.conf": "etc/dbus-1/system.d",
-    "io.machinepy1.service": "usr/share/dbus-1/system-services",
-}
 CALL_TIMEOUT = 60.0  # CreateContainer of a big root with registration can take a while
 
 
@@ -100,8 +79,6 @@ def start_parser() -> Parser:
                description="Start a container in the background, managed by the service.")
     p.add_argument("name", metavar="NAME", help="machine name ('' picks one)")
     p.add_argument("root", metavar="ROOTFS", help="root directory ('/' for the host's root)")
-    from machinepy.cli.args import add_options
-
     add_options(p, "start")
     return p
 
@@ -181,8 +158,6 @@ def verb_parser(verb: str) -> Parser:
     """The parser of a client verb (also read by docgen: completion, man page)."""
     if verb == "start":
         return start_parser()
-    if verb == "install-units":
-        return install_units_parser()
     if verb == "list":
         p = Parser(prog="machinepy list", description="List the service's containers.")
         p.add_argument("-o", "--output", choices=("table", "json"), default="table",
@@ -197,7 +172,7 @@ def verb_parser(verb: str) -> Parser:
         return p
     p = _names_parser(verb)
     if verb == "kill":
-        p.add_argument("-s", "--signal", default="SIGTERM")
+        p.add_argument("-s", "--signal", default="SIGTERM", type=signal_number)
         p.add_argument("--kill-whom", choices=("leader", "all"), default="all")
     return p
 
@@ -273,25 +248,11 @@ def _names_parser(prog: str) -> Parser:
     return p
 
 
-def parse_signal(text: str) -> int:
-    name = text.upper()
-    if name.isdigit():
-        return int(name)
-    name = name if name.startswith("SIG") else "SIG" + name
-    if name.startswith("SIGRTMIN+") and name[9:].isdigit():
-        return int(signal.SIGRTMIN) + int(name[9:])
-    try:
-        return int(signal.Signals[name])
-    except KeyError:
-        raise UsageError(f"unknown signal '{text}'") from None
-
-
 def lifecycle(client: Client, verb: str, argv: list[str]) -> int:
     if verb == "kill":
         args = verb_parser(verb).parse_args(argv)
-        sig = parse_signal(args.signal)
         for name in args.names:
-            client.manager("KillContainer", "ssi", name, args.kill_whom, sig)
+            client.manager("KillContainer", "ssi", name, args.kill_whom, args.signal)
         return 0
     args = verb_parser(verb).parse_args(argv)
     member = {"poweroff": "PoweroffContainer", "reboot": "RebootContainer",
@@ -330,100 +291,19 @@ def attach(client: Client, argv: list[str]) -> int:
         return False
 
     client.conn.add_handler(on_signal)
-    client.conn.on_close(finish)
+    client.conn.on_close(finish)  # the bus gone: so is the service's side
     client.conn.attach(loop)
-    relay = consolemod.Relay(loop, master, finish, interactive=consolemod.interactive())
-    print(f"Attached to {args.name}. Press ^] three times within 1s to detach.",
-          file=sys.stderr)
 
     async def relaying() -> None:
-        relay.start()
-        if consolemod.interactive():
-            loop.add_signal_handler(signal.SIGWINCH, relay.resize)
         try:
-            await done
+            await consolemod.attach(loop, master, args.name, done)
         finally:
-            with contextlib.suppress(Exception):
-                loop.remove_signal_handler(signal.SIGWINCH)
-            relay.stop()
             client.conn.detach()
 
     try:
         loop.run(relaying())
     finally:
         os.close(master)
-    print(f"\nDetached from {args.name}.", file=sys.stderr)
-    return 0
-
-
-# ---------------------------------------------------------------------------
-# install-units
-
-
-# Unit settings and the systemd version that brought them.
-SINCE = {"FileDescriptorStorePreserve=": 254}
-
-
-def for_systemd(text: str, version: int | None) -> str:
-    """Drop the settings this systemd predates (unknown: keep them all)."""
-    if version is None:
-        return text
-    return "".join(line for line in text.splitlines(keepends=True)
-                   if not any(line.startswith(key) and version < since
-                              for key, since in SINCE.items()))
-
-
-def install_units_parser() -> Parser:
-    p = Parser(prog="machinepy install-units",
-               description="Install the systemd units, D-Bus policy and activation file.")
-    p.add_argument("--root", default="/", help="install under this directory (default /)")
-    p.add_argument("--no-reload", action="store_true",
-                   help="do not reload systemd and dbus-daemon afterwards")
-    return p
-
-
-def install_units(argv: list[str]) -> int:
-    import shutil
-    import subprocess
-    from pathlib import Path
-
-    args = install_units_parser().parse_args(argv)
-    UNITS_DIR = __getattr__("UNITS_DIR")
-    if not UNITS_DIR.is_dir():
-        print(f"machinepy: {UNITS_DIR} not found (install-units needs a source checkout)",
-              file=sys.stderr)
-        return 1
-    exec_start = f"{sys.executable} -m machinepy"
-    # A source checkout (not site-packages): the units must run this very tree,
-    # not whatever `import machinepy` finds from / (an editable install of
-    # another checkout, say).
-    here = Path(__file__).resolve().parents[2]
-    env_line = "" if here.name in ("site-packages", "dist-packages") else \
-        f"Environment=PYTHONPATH={here}"
-    for name, where in INSTALL.items():
-        text = (UNITS_DIR / name).read_text()
-        # Units name `machinepy`; systemd needs the interpreter that has it installed.
-        text = text.replace("ExecStart=machinepy ", f"ExecStart={exec_start} ")
-        if "ExecStart=" in text and env_line:
-            text = text.replace("\nExecStart=", f"\n{env_line}\nExecStart=", 1)
-        text = for_systemd(text, sd.systemd_version())
-        dest = Path(args.root) / where / name
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{name}.tmp")
-        tmp.write_text(text)
-        tmp.chmod(0o644)
-        tmp.replace(dest)
-        print(dest)
-    if args.root == "/" and not args.no_reload:
-        for argv_ in (["systemctl", "daemon-reload"],
-                      ["busctl", "call", "org.freedesktop.DBus", "/org/freedesktop/DBus",
-                       "org.freedesktop.DBus", "ReloadConfig"]):
-            if shutil.which(argv_[0]) is None:
-                continue
-            r = subprocess.run(argv_, capture_output=True, text=True)
-            if r.returncode != 0:
-                print(f"machinepy: warning: {' '.join(argv_)}: {r.stderr.strip()}",
-                      file=sys.stderr)
     return 0
 
 
@@ -453,8 +333,9 @@ def _run(verb: str, argv: list[str]) -> int:
 def main(argv: Sequence[str]) -> int:
     verb, rest = argv[0], list(argv[1:])
     try:
-        if verb == "install-units":
-            return install_units(rest)
+        # Bad input is exit 2, bus or no bus: checked before connecting.
+        cut = rest.index("--") if verb == "start" and "--" in rest else len(rest)
+        verb_parser(verb).parse_args(rest[:cut])  # (start's command follows its --)
         return _run(verb, rest)
     except (UsageError, SpecError) as e:
         print(f"machinepy: {e}", file=sys.stderr)

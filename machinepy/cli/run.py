@@ -182,6 +182,13 @@ def _attach_alone(parser: Parser, args: argparse.Namespace) -> None:
         raise UsageError("--attach takes no command")
 
 
+def _service_attach(name: str) -> int:
+    """`run -a NAME` of a container of io.machinepy1 (its D-Bus client loads only then)."""
+    from machinepy.cli import client
+
+    return client.main(["attach", name])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -208,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _attach_alone(parser, args)
             from machinepy.cli.attach import attach
 
-            return attach(args.attach)
+            return attach(args.attach, service=_service_attach)
         options = options_from_args(args)
         spec = spec_from_args(args, options)
         if os.geteuid() != 0 and not spec.user_maps and not spec.private_users:

@@ -39,17 +39,9 @@ MS_RDONLY: Final = 0x1
 MS_NOSUID: Final = 0x2
 MS_NODEV: Final = 0x4
 MS_NOEXEC: Final = 0x8
-MS_REMOUNT: Final = 0x20
-MS_NOATIME: Final = 0x400
-MS_NODIRATIME: Final = 0x800
 MS_BIND: Final = 0x1000
-MS_MOVE: Final = 0x2000
 MS_REC: Final = 0x4000
-MS_SILENT: Final = 0x8000
-MS_PRIVATE: Final = 0x40000
 MS_SLAVE: Final = 0x80000
-MS_SHARED: Final = 0x100000
-MS_RELATIME: Final = 0x200000
 MS_STRICTATIME: Final = 0x1000000
 
 MNT_DETACH: Final = 0x2
@@ -58,12 +50,9 @@ MNT_DETACH: Final = 0x2
 PR_SET_PDEATHSIG: Final = 1
 PR_SET_NAME: Final = 15
 PR_SET_SECCOMP: Final = 22
-PR_CAPBSET_READ: Final = 23
 PR_CAPBSET_DROP: Final = 24
 PR_SET_CHILD_SUBREAPER: Final = 36
 PR_SET_NO_NEW_PRIVS: Final = 38
-PR_CAP_AMBIENT: Final = 47
-PR_CAP_AMBIENT_CLEAR_ALL: Final = 4
 
 # openat2(2)
 SYS_openat2: Final = 437
@@ -128,9 +117,7 @@ SYS_KEYCTL_BY_MACHINE: Final = {
     "s390x": 280,
 }
 SYS_keyctl: Final = SYS_KEYCTL_BY_MACHINE.get(os.uname().machine, -1)
-KEYCTL_GET_KEYRING_ID: Final = 0
 KEYCTL_JOIN_SESSION_KEYRING: Final = 1
-KEY_SPEC_SESSION_KEYRING: Final = -3
 
 # socket(2) and bind(2): PID 1's only socket calls, so the child needs no socket module
 AF_UNIX: Final = 1

@@ -8,9 +8,13 @@ they live apart from machinepy.integrate.machined, whose import brings asyncio a
 from __future__ import annotations
 
 import os
-import string
+import signal
 
 SYSTEM_BUS_SOCKET = "/run/dbus/system_bus_socket"
+# What systemd halts on: the orderly stop of a booted container (nspawn's too).
+SIG_HALT = signal.SIGRTMIN + 3
+# nspawn's (and so machinectl bind's) per-machine propagation directories.
+PROPAGATE_DIR = "/run/systemd/nspawn/propagate"
 
 
 def system_bus_available() -> bool:
@@ -43,7 +47,8 @@ def systemd_version() -> int | None:
 # ---------------------------------------------------------------------------
 # Names, escaped the way systemd escapes them.
 
-_ALNUM = frozenset(string.ascii_letters + string.digits)
+# Spelt out: the string module costs the one-shot `run` 0.6 ms to import.
+_ALNUM = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
 
 
 def unit_name_escape(name: str) -> str:

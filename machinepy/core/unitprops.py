@@ -17,6 +17,8 @@ from collections.abc import Callable
 from fractions import Fraction
 from typing import NamedTuple
 
+from machinepy.core.values import parse_bool, parse_signal
+
 USEC_PER_SEC = 1_000_000
 UINT32_MAX = 0xFFFFFFFF
 UINT64_MAX = 0xFFFFFFFFFFFFFFFF
@@ -48,8 +50,6 @@ _TIME_SUFFIX = {
     "": USEC_PER_SEC, "m": 60 * USEC_PER_SEC, "min": 60 * USEC_PER_SEC,
     "h": 3600 * USEC_PER_SEC, "hr": 3600 * USEC_PER_SEC, "d": 86400 * USEC_PER_SEC,
 }
-_BOOL = {"1": True, "yes": True, "y": True, "true": True, "t": True, "on": True,
-         "0": False, "no": False, "n": False, "false": False, "f": False, "off": False}
 
 
 def _percent(text: str) -> float | None:
@@ -119,10 +119,10 @@ def _weight(name: str, text: str) -> Parsed:
 
 
 def _bool(name: str, text: str) -> Parsed:
-    value = _BOOL.get(text.lower())
-    if value is None:
-        raise PropertyError(f"invalid {name}={text}: expected yes or no")
-    return name, "b", value
+    try:
+        return name, "b", parse_bool(text)
+    except ValueError:
+        raise PropertyError(f"invalid {name}={text}: expected yes or no") from None
 
 
 def timespan_usec(text: str) -> int:
@@ -160,19 +160,10 @@ def _string(choices: tuple[str, ...]) -> Callable[[str, str], Parsed]:
 
 
 def _signal(name: str, text: str) -> Parsed:
-    import signal
-
-    sig = text if text.startswith("SIG") else f"SIG{text}"
-    m = re.fullmatch(r"SIGRTMIN\+(\d+)", sig, re.ASCII)
-    if _digits(text):
-        number = int(text)
-    elif m:
-        number = int(signal.SIGRTMIN) + int(m.group(1))
-    else:
-        number = int(signal.Signals[sig]) if sig in signal.Signals.__members__ else 0
-    if not 0 < number < signal.NSIG:
-        raise PropertyError(f"invalid {name}={text}: unknown signal")
-    return name, "i", number
+    try:
+        return name, "i", parse_signal(text)
+    except ValueError:
+        raise PropertyError(f"invalid {name}={text}: unknown signal") from None
 
 
 def _device_allow(name: str, text: str) -> Parsed:

@@ -21,7 +21,7 @@ import signal
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from machinepy.core.sd import scope_name, unit_path
+from machinepy.core.sd import SIG_HALT, scope_name, unit_path
 from machinepy.integrate.dbus import (
     DBUS_NAME,
     DBUS_PATH,
@@ -47,7 +47,6 @@ DBUS = (DBUS_NAME, DBUS_PATH, DBUS_NAME)
 CALL_TIMEOUT = 25.0  # sd-bus's default method timeout
 GONE_TIMEOUT = 5.0  # how long we wait for systemd to drop the stopped scope
 SERVICE = "machinepy"
-SIG_HALT = signal.SIGRTMIN + 3
 
 Call = tuple[tuple[str, str, str], str, str, Sequence[object]]
 

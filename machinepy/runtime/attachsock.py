@@ -35,12 +35,14 @@ import stat
 from collections.abc import Callable, Iterator
 
 from machinepy.core.peer import alive, check_peer, process_key
+from machinepy.runtime.console import Drain
 from machinepy.runtime.loop import LoopLike
 
 GREETING = b"machinepy-console\n"
 ROOT_DIR = "/run/machinepy"
 KEY_RE = re.compile(r"[0-9]+|[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
 TARGET_RE = re.compile(r"@([0-9]+)\.([0-9]+)")
+ATTACHED = "client"  # the one attached client, as the console's drain knows it
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -224,28 +226,8 @@ class AttachServer:
             raise
         self.listener.setblocking(False)
         self.loop.add_reader(self.listener.fileno(), self._accept)
-        os.set_blocking(master, False)
-        self._drain_on()
-
-    # While nobody watches, keep reading so the container never blocks on output.
-    def _drain_on(self) -> None:
-        self.loop.add_reader(self.master, self._drain)
-
-    def _drain(self) -> None:
-        try:
-            os.read(self.master, 65536)
-        except BlockingIOError:
-            pass
-        except OSError:
-            # Slave hung up (vhangup, or nothing has it open): retry shortly.
-            self.loop.remove_reader(self.master)
-            if self.client is None:
-                self.loop.call_later(0.1, self._resume)
-
-    def _resume(self) -> None:
-        if self.client is None and self.master >= 0:
-            self.loop.remove_reader(self.master)
-            self._drain_on()
+        # While nobody watches, keep reading so the container never blocks on output.
+        self.drain = Drain(loop, master)
 
     def _accept(self) -> None:
         try:
@@ -257,7 +239,7 @@ class AttachServer:
             conn.close()
             return
         self.client = conn
-        self.loop.remove_reader(self.master)
+        self.drain.attach(ATTACHED)
         socket.send_fds(conn, [GREETING], [self.master])
         conn.setblocking(False)
         self.loop.add_reader(conn.fileno(), self._client_readable)
@@ -274,7 +256,7 @@ class AttachServer:
             self.loop.remove_reader(self.client.fileno())
             self.client.close()
             self.client = None
-            self._resume()
+            self.drain.detach(ATTACHED)
 
     def _unlink(self) -> None:
         """Our entries, and only ours: a key may meanwhile name another supervisor."""
@@ -287,7 +269,7 @@ class AttachServer:
             self.loop.remove_reader(self.listener.fileno())
             self.listener.close()
             self._unlink()
-        self.loop.remove_reader(self.master)
+        self.drain.close()
         if self.client is not None:
             self.loop.remove_reader(self.client.fileno())
             self.client.close()

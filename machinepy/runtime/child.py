@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: BSD-2-Clause
 """Everything between fork and exec.
 
-Process choreography (see DESIGN.md):
+Process choreography:
 
     supervisor ──fork──▶ setup child: unshare(namespaces) ──fork──▶ PID 1
                           reports PID 1's pid, exits              waits for "go"
@@ -87,7 +87,6 @@ class ChildConfig(NamedTuple):
     console: int | None = None  # pty slave fd: becomes the controlling tty and 0-2
     caps_drop: Sequence[int] = ()
     landlock_scope: int = 0  # LANDLOCK_SCOPE_* bits; 0: no Landlock domain
-    keep_fds: Sequence[int] = ()
     notify: int | None = None  # datagram socket bound at /run/host/notify inside
     supervisor: int = 0  # pid whose death kills the container (0: outlive it, for the daemon)
     seccomp: Sequence[bytes] = ()  # BPF programs compiled by the parent (seccomp.py)
@@ -171,7 +170,7 @@ def container_init(cfg: ChildConfig, status_w: int, go_r: int) -> NoReturn:
             # directory; the container receives it at /run/host/incoming.
             plan += propagation_ops(os.fsdecode(go[1]))
         _close_fds(keep=(status_w, *(fd for fd in (cfg.console, cfg.notify, cfg.root_tree)
-                                     if fd is not None), *cfg.keep_fds,
+                                     if fd is not None),
                          *((go_r,) if late else ())))
         # Host paths are opened while we still have our host credentials.
         host_root = _open_root(cfg.root) if cfg.root is not None and cfg.root_tree is None else -1

@@ -40,10 +40,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from machinepy.core import sd
 from machinepy.core.options import DEFAULTS, build_spec, options_from_bus, options_to_bus
 from machinepy.core.peer import start_time
-from machinepy.service.manager import Console, Entry, Hooks, Service
-from machinepy.supervise.supervisor import PROPAGATE_OWNER_XATTR, SIG_HALT, STOP_TIMEOUT, Container
+from machinepy.runtime.console import Drain
+from machinepy.service.manager import Entry, Hooks, Service
+from machinepy.supervise.stop import STOP_TIMEOUT, StopPolicy
+from machinepy.supervise.supervisor import PROPAGATE_OWNER_XATTR, Container
 
 if TYPE_CHECKING:
     from machinepy.service.holder import Client as HolderClient
@@ -51,7 +54,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("machinepy.service.daemon")
 
 STATE_DIR = "/run/machinepy"
-PROPAGATE_DIR = "/run/systemd/nspawn/propagate"
 CONSOLE_FDNAME = "console-"
 
 
@@ -104,13 +106,13 @@ def claim_propagate_dir(name: str, leader: int, leader_start: int) -> None:
     into the container (its /run/host/incoming is a slave of the old dentry).
     The leader, not this daemon, so the dir also outlives our own stop.
     """
-    path = os.path.join(PROPAGATE_DIR, name)
+    path = os.path.join(sd.PROPAGATE_DIR, name)
     with contextlib.suppress(OSError):
         os.setxattr(path, PROPAGATE_OWNER_XATTR, b"%d %d" % (leader, leader_start))
 
 
 def remove_propagate_dir(name: str) -> None:
-    path = os.path.join(PROPAGATE_DIR, name)
+    path = os.path.join(sd.PROPAGATE_DIR, name)
     with contextlib.suppress(OSError):
         os.getxattr(path, PROPAGATE_OWNER_XATTR)  # ours only, never nspawn's
         os.rmdir(path)
@@ -237,25 +239,18 @@ class Adopted:
                  ifindices: list[int]) -> None:
         self.container = container
         self.pidfd = pidfd
-        self.stop_timeout = stop_timeout
         self.ifindices = ifindices
-        self.stopping = False
+        self.stop_policy = StopPolicy(boot=container.spec.boot, timeout=stop_timeout)
+        self.stop_policy.started(pidfd)
 
     def kill(self, sig: int) -> None:
-        if self.pidfd >= 0:
-            with contextlib.suppress(OSError):
-                signal.pidfd_send_signal(self.pidfd, sig)
+        self.stop_policy.kill(sig)
 
     def poweroff(self) -> None:
-        if self.stopping:
-            self.kill(signal.SIGKILL)
-            return
-        self.stopping = True
-        self.kill(SIG_HALT if self.container.spec.boot else signal.SIGTERM)
+        self.stop_policy.poweroff()
 
     def terminate(self) -> None:
-        self.stopping = True
-        self.kill(signal.SIGKILL)
+        self.stop_policy.terminate()
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -273,6 +268,7 @@ class Adopted:
             if wstatus is not None:
                 status = exit_status_of(wstatus, self.container.spec.boot)
         finally:
+            self.stop_policy.gone()
             loop.remove_reader(self.pidfd)
             os.close(self.pidfd)
             self.pidfd = -1
@@ -410,7 +406,7 @@ class Daemon:
                       since=rec.since, options=options)
         fd = self.stored.pop(CONSOLE_FDNAME + rec.name, -1)
         if fd >= 0:
-            entry.console = Console(asyncio.get_running_loop(), fd, owned=True)
+            entry.console = Drain(asyncio.get_running_loop(), fd, owned=True)
             if CONSOLE_FDNAME + rec.name not in self.in_store:  # the holder's only
                 self.notify(f"FDSTORE=1\nFDPOLL=0\nFDNAME={CONSOLE_FDNAME}{rec.name}", [fd])
         return entry
@@ -471,10 +467,14 @@ class Daemon:
         os._exit(0 if stop.done() else 1)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Also read by docgen (completion, man page)."""
-    parser = argparse.ArgumentParser(prog="machinepy daemon",
-                                     description="Run the io.machinepy1 D-Bus service.")
+ParserClass = type[argparse.ArgumentParser]
+
+
+def build_parser(parser_class: ParserClass = argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Also read by docgen (completion, man page).  PARSER_CLASS: the entry point's
+    (machinepy.main), which makes bad input one line and exit 2 as for every verb."""
+    parser = parser_class(prog="machinepy daemon",
+                          description="Run the io.machinepy1 D-Bus service.")
     parser.add_argument("--state-dir", default=os.environ.get("MACHINEPY_STATE_DIR", STATE_DIR),
                         help=f"where container state files live (default {STATE_DIR})")
     parser.add_argument("--bus-address", help="D-Bus address (default: the system bus)")
@@ -483,8 +483,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None,
+         parser_class: ParserClass = argparse.ArgumentParser) -> int:
+    args = build_parser(parser_class).parse_args(argv)
     if os.geteuid() != 0:
         print("machinepy: the daemon must run as root", file=sys.stderr)
         return 2

@@ -57,6 +57,7 @@ from machinepy.integrate.dbus import (
 from machinepy.integrate.dbus import (
     signal as new_signal,
 )
+from machinepy.runtime.console import Drain
 from machinepy.service.api import (
     BUS_NAME,
     CONTAINER_IFACE,
@@ -77,7 +78,8 @@ from machinepy.service.api import (
     ServiceError,
     container_path,
 )
-from machinepy.supervise.supervisor import STOP_TIMEOUT, Container, Supervisor, with_machine_id
+from machinepy.supervise.stop import STOP_TIMEOUT
+from machinepy.supervise.supervisor import Container, Supervisor, with_machine_id
 
 log = logging.getLogger("machinepy.service.manager")
 
@@ -192,70 +194,6 @@ class Control(Protocol):
     def kill(self, sig: int) -> None: ...
 
 
-class Console:
-    """A container's pty master kept by the daemon.
-
-    Drained while nobody is attached, so the container never blocks writing to
-    a full console; OpenConsole hands it out, and an attachment lasts as long as
-    the caller's bus connection.
-    """
-
-    RETRY_MAX = 2.0  # seconds; a hung-up slave is retried with back-off, not polled
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, master: int, *, owned: bool) -> None:
-        self.loop = loop
-        self.master = master
-        self.owned = owned  # adopted from the fd store: ours to close
-        self.attached: set[str] = set()
-        self._retry = 0.1
-        self._timer: asyncio.TimerHandle | None = None
-        self._draining = False
-        os.set_blocking(master, False)
-        self._drain_on()
-
-    def _drain_on(self) -> None:
-        if not self._draining and not self.attached and self.master >= 0:
-            self.loop.add_reader(self.master, self._drain)
-            self._draining = True
-
-    def _drain_off(self) -> None:
-        if self._draining:
-            self.loop.remove_reader(self.master)
-            self._draining = False
-
-    def _drain(self) -> None:
-        try:
-            os.read(self.master, 65536)
-            self._retry = 0.1
-        except BlockingIOError:
-            pass
-        except OSError:
-            # EIO: no one has the slave open (yet, or after vhangup()).
-            self._drain_off()
-            self._timer = self.loop.call_later(self._retry, self._resume)
-            self._retry = min(self._retry * 2, self.RETRY_MAX)
-
-    def _resume(self) -> None:
-        self._timer = None
-        self._drain_on()
-
-    def attach(self, owner: str) -> None:
-        self.attached.add(owner)
-        self._drain_off()
-
-    def detach(self, owner: str) -> None:
-        self.attached.discard(owner)
-        self._drain_on()
-
-    def close(self) -> None:
-        self._drain_off()
-        if self._timer is not None:
-            self._timer.cancel()
-        if self.owned and self.master >= 0:
-            os.close(self.master)
-        self.master = -1
-
-
 class Entry:
     """One container of the service."""
 
@@ -267,7 +205,7 @@ class Entry:
         self.control = control
         self.container: Container | None = control.container if control else None
         self.since = since if since is not None else time.time_ns() // 1000
-        self.console: Console | None = None
+        self.console: Drain | None = None
         self.exit_status = -1
         self.announced = False  # ContainerNew sent
         self.sent: dict[str, Variant] = {}  # property values last announced
@@ -458,7 +396,7 @@ class Service:
         self.hooks.gone(entry)
 
     def _own_console(self, entry: Entry, master: int) -> Callable[[], None]:
-        console = entry.console = Console(self.loop, master, owned=False)
+        console = entry.console = Drain(self.loop, master)
         self.hooks.console(entry, master)
 
         def release() -> None:
@@ -497,17 +435,7 @@ class Service:
         return entry.control
 
     def poweroff(self, entry: Entry) -> None:
-        control = self._control(entry)
-        control.poweroff()
-        # A PID 1 without a SIGTERM handler ignores it: end it after the grace time.
-        leader = entry.container.leader if entry.container else 0
-
-        def check() -> None:
-            c = entry.container
-            if c is not None and c.leader == leader and c.state in ("running", "stopping"):
-                control.terminate()
-
-        self.loop.call_later(self.stop_timeout, check)
+        self._control(entry).poweroff()  # SIGKILL after the grace time (supervise.stop)
 
     def reboot(self, entry: Entry) -> None:
         # As machined: SIGINT to the leader; systemd reboots on it (ctrl-alt-del).

@@ -15,22 +15,20 @@ import os
 import signal
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from machinepy.core import notify as notifymod
+from machinepy.core import sd
 from machinepy.core.spec import ContainerSpec
 from machinepy.runtime import console as consolemod
 from machinepy.runtime.loop import LoopLike
 from machinepy.runtime.spawn import Spawned, SpawnError, child_config, spawn, write_id_maps
+from machinepy.supervise.stop import STOP_TIMEOUT, StopPolicy
 
 if TYPE_CHECKING:
     from machinepy.integrate.machined import MachineRegistration
     from machinepy.runtime.attachsock import AttachServer
 
-PROPAGATE_DIR = "/run/systemd/nspawn/propagate"
-STOP_TIMEOUT = 30.0  # seconds between an orderly poweroff request and SIGKILL
-
-SIG_HALT = signal.SIGRTMIN + 3  # what nspawn sends a booted container on SIGTERM
 # Marks a propagation dir as ours, with the supervisor that made it ("pid starttime").
 PROPAGATE_OWNER_XATTR = "trusted.machinepy.owner"
 
@@ -68,11 +66,11 @@ def sweep_propagate_dirs() -> None:
     on the host does it, since a killed process cleans nothing.
     """
     try:
-        names = os.listdir(PROPAGATE_DIR)
+        names = os.listdir(sd.PROPAGATE_DIR)
     except OSError:
         return
     for name in names:
-        path = os.path.join(PROPAGATE_DIR, name)
+        path = os.path.join(sd.PROPAGATE_DIR, name)
         try:
             owner = os.getxattr(path, PROPAGATE_OWNER_XATTR)
         except OSError:
@@ -103,7 +101,6 @@ class Container:
         self.registered = False
         self.state = "starting"
         self.status: int | None = None
-        self.status_text = ""
         self.on_state: Callable[[Container], None] | None = None
 
     def set_state(self, state: str) -> None:
@@ -136,7 +133,6 @@ class Supervisor:
         self.spec = spec
         self.container = Container(spec)
         self.console = console or default_console_mode(spec)
-        self.stop_timeout = stop_timeout
         self.die_with_supervisor = die_with_supervisor
         self.on_error = on_error or (lambda msg: print(f"machinepy: {msg}", file=sys.stderr))
         self.on_started = on_started
@@ -149,13 +145,12 @@ class Supervisor:
         # --private-users=pick with ownership "map": the user namespace whose
         # maps each run's idmapped root mount carries.
         self.idmap_userns: int | None = None
-        self.stopping = False
         self.restart = False
         self.relay: consolemod.Relay | None = None
         self.attach_server: AttachServer | None = None
         self.loop: LoopLike = loop if loop is not None else _asyncio_loop()
-        self.is_ready = False
-        self._ready_waiters: list[Any] = []
+        self.stop_policy = StopPolicy(boot=spec.boot, timeout=stop_timeout, loop=self.loop)
+        self.is_ready = False  # booted: READY=1 came (forwarded once); run: exec'd
         self.ifindices: list[int] = []
         # Cleans what a SIGKILL would leave (see machinepy.runtime.janitor); forked on
         # first use, so most runs have none.
@@ -163,41 +158,26 @@ class Supervisor:
 
         self.janitor = Janitor()
 
-    # -- signals ----------------------------------------------------------
+    # -- stopping (machinepy.supervise.stop) --------------------------------
 
-    def _signal(self, sig: int) -> None:
-        if self.child is not None and self.child.pidfd >= 0:
-            with contextlib.suppress(OSError):
-                signal.pidfd_send_signal(self.child.pidfd, sig)
+    @property
+    def stopping(self) -> bool:
+        return self.stop_policy.stopping
 
     def kill(self, sig: int) -> None:
-        self._signal(sig)
+        self.stop_policy.kill(sig)
 
     def request_stop(self, sig: int = signal.SIGTERM) -> None:
-        """SIGINT/SIGTERM/SIGHUP to us: forwarded (run) or orderly halt (boot).
-
-        A second request kills the container: PID 1 may well ignore the first.
-        """
-        if self.child is None:
-            return
-        if self.stopping:
-            self._signal(signal.SIGKILL)
-            return
-        self.stopping = True
-        if self.spec.boot:
-            self._signal(SIG_HALT)
-            self.loop.call_later(self.stop_timeout, self._signal, signal.SIGKILL)
-        else:
-            self._signal(sig)
+        """SIGINT/SIGTERM/SIGHUP to us: forwarded (run) or orderly halt (boot)."""
+        self.stop_policy.forward(sig)
 
     def poweroff(self) -> None:
-        self.request_stop(signal.SIGTERM)
+        self.stop_policy.poweroff()
 
     def terminate(self) -> None:
         """`machinectl terminate`: systemd stops the scope and asks us, its
         Controller, to end it; terminate means no clean shutdown."""
-        self.stopping = True
-        self._signal(signal.SIGKILL)
+        self.stop_policy.terminate()
 
     # -- main ---------------------------------------------------------------
 
@@ -280,6 +260,7 @@ class Supervisor:
             except SpawnError as e:
                 self.on_error(str(e))
                 return 1
+            self.stop_policy.started(child.pidfd)
             stack.callback(self._reap)
             c.leader = child.leader
             # Keep the first name across reboots of a booted container.
@@ -325,6 +306,7 @@ class Supervisor:
                 if self.on_started is not None:
                     self.on_started(c)
             res = await self._wait_leader(child)
+            self.stop_policy.gone()
             c.set_state("stopping")
             status = exit_status(res)
             if setup_error:
@@ -431,8 +413,6 @@ class Supervisor:
                 self._set_ready()
                 if self.notify_ready:
                     notifymod.sd_notify("READY=1")
-            if "STATUS" in msg:
-                self.container.status_text = msg["STATUS"]
 
         loop.add_reader(sock.fileno(), readable)
         stack.callback(loop.remove_reader, sock.fileno())
@@ -440,16 +420,6 @@ class Supervisor:
 
     def _set_ready(self) -> None:
         self.is_ready = True
-        waiters, self._ready_waiters = self._ready_waiters, []
-        for fut in waiters:
-            fut.set_result(None)
-
-    async def wait_ready(self) -> None:
-        """Booted: READY=1 from its init.  Run: the command was exec'd."""
-        if not self.is_ready:
-            fut = self.loop.create_future()
-            self._ready_waiters.append(fut)
-            await fut
 
     def _reap(self) -> None:
         if self.child is not None:
@@ -478,8 +448,6 @@ class Supervisor:
         """Connect to the system bus, if this container is to be registered."""
         if not self.spec.register:
             return None
-        from machinepy.core import sd
-
         if not sd.can_register():
             warn("no systemd system bus; not registering with systemd-machined")
             return None
@@ -542,7 +510,7 @@ class Supervisor:
         if self.spec.root is None or os.geteuid() != 0:
             return None
         sweep_propagate_dirs()
-        propagate = os.path.join(PROPAGATE_DIR, self.container.name)
+        propagate = os.path.join(sd.PROPAGATE_DIR, self.container.name)
         try:
             os.makedirs(propagate, exist_ok=True)
         except OSError as e:
