@@ -36,6 +36,7 @@ from machinepy.integrate.dbus import (
     Connection,
     Received,
     bus_call,
+    conform,
     error_reply,
     marshal,
     method_call,
@@ -431,3 +432,14 @@ def test_a_marshalled_body_is_the_same_message() -> None:
         == plain
     with pytest.raises(ValueError):
         marshal("h", [0])
+
+
+def test_conform_gives_structs_as_tuples_and_arrays_as_lists() -> None:
+    # UnitProperty values are immutable (tuples all through); jeepney wants structs
+    # as tuples and arrays as lists, and marshals nothing else.
+    assert conform("a(ss)", (("/dev/net/tun", "rwm"), ("char-pts", "rw"))) == \
+        [("/dev/net/tun", "rwm"), ("char-pts", "rw")]
+    assert conform("a{sas}", (("k", ("a", "b")),)) == {"k": ["a", "b"]}
+    assert conform("ay", bytearray(b"\1")) == b"\1"
+    assert conform("(tat)", [1, (2, 3)]) == (1, [2, 3])
+    assert conform("t", 5) == 5
