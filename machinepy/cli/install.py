@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from machinepy.cli.args import Parser, UsageError
+from machinepy.cli.args import Parser
 from machinepy.core import sd
 
 PACKAGE = Path(__file__).resolve().parents[1]
@@ -55,11 +55,7 @@ def parser() -> Parser:
 
 
 def main(argv: Sequence[str]) -> int:
-    try:
-        args = parser().parse_args(list(argv))
-    except UsageError as e:
-        print(f"machinepy: {e}", file=sys.stderr)
-        return 2
+    args = parser().parse_args(list(argv))  # bad input: main's one line
     units = units_dir()
     if units is None:
         print(f"machinepy: no units found (looked in {', '.join(map(str, UNITS_DIRS))})",
