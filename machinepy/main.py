@@ -77,6 +77,9 @@ def usage() -> str:
 def daemon(argv: list[str]) -> int:
     """The service's verb, its options parsed as every verb's are (one line, exit 2)."""
     from machinepy.cli.args import Parser
+    from machinepy.cli.run import _import_asyncio
+
+    _import_asyncio()  # the service's loop, without the TLS support it never uses
     from machinepy.service.daemon import main as daemon_main
 
     return daemon_main(argv, parser_class=Parser)
@@ -104,10 +107,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _fail(f"unknown command '{first}' (see 'machinepy --help')")
         argv = ["run", *argv]  # pflask: `machinepy [options] [--] CMD` means run
     verb = BY_NAME[argv[0] if argv else "run"]
-    if verb.module == "machinepy.service.daemon":  # the service's loop; the client needs none
-        from machinepy.cli.run import _import_asyncio
-
-        _import_asyncio()
     func = getattr(importlib.import_module(verb.module), verb.function)
     try:
         status: int = func(argv if verb.name in SHARED or not argv else argv[1:])

@@ -78,3 +78,12 @@ def test_the_dispatcher_imports_no_verb_module() -> None:
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV,
                        timeout=60)
     assert r.stdout.strip() == "['machinepy.main']", r.stderr
+
+
+def test_the_daemon_verb_loads_asyncio_without_ssl() -> None:
+    # The service runs on asyncio but never speaks TLS: libssl is ~5 ms and RSS it need not pay.
+    code = ("import sys\nfrom machinepy import main\nstatus = main.main(['daemon', '--bogus'])\n"
+            "print(status, 'asyncio' in sys.modules, 'ssl' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV,
+                       timeout=60)
+    assert r.stdout.split() == ["2", "True", "False"], r.stderr
