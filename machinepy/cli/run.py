@@ -98,11 +98,6 @@ def with_caller_maps(spec: ContainerSpec) -> ContainerSpec:
                         namespaces=spec.namespaces | {"user"})
 
 
-def _needs_asyncio(spec: ContainerSpec) -> bool:
-    """Netlink (pyroute2) needs asyncio; nothing else does (D-Bus runs on MiniLoop)."""
-    return bool(spec.netifs or spec.addresses or spec.routes)
-
-
 def _import_asyncio() -> ModuleType:
     """asyncio without its TLS support, which machinepy never uses.
 
@@ -126,7 +121,7 @@ def _import_asyncio() -> ModuleType:
 def _supervise(spec: ContainerSpec, **kw: Any) -> int:
     from machinepy.supervise.supervisor import Supervisor
 
-    if _needs_asyncio(spec):
+    if spec.netlink:  # pyroute2 needs asyncio; nothing else does (D-Bus runs on MiniLoop)
         asyncio = _import_asyncio()
 
         async def main() -> int:

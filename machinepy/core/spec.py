@@ -428,6 +428,11 @@ class ContainerSpec(NamedTuple):
     system_call_filter: tuple[str, ...] = ()
     no_new_privileges: bool = False
 
+    @property
+    def netlink(self) -> bool:
+        """Interfaces, addresses or routes the host sets up (netlink: pyroute2, asyncio)."""
+        return bool(self.netifs or self.addresses or self.routes)
+
     def replace(self, **changes: Any) -> ContainerSpec:
         return self._replace(**changes)
 
@@ -461,7 +466,7 @@ def validate(spec: ContainerSpec) -> ContainerSpec:
             "--no-mountns cannot be combined with --chroot, --mount, --tmpfs or --ephemeral")
     if spec.hostname is not None and "uts" not in spec.namespaces:
         raise SpecError("--hostname needs a UTS namespace (drop --no-utsns)")
-    if (spec.netifs or spec.addresses or spec.routes) and "net" not in spec.namespaces:
+    if spec.netlink and "net" not in spec.namespaces:
         raise SpecError("--netif needs a network namespace (drop --no-netns)")
     if spec.user_maps and "user" not in spec.namespaces:
         raise SpecError("--user-map needs a user namespace (drop --no-userns)")

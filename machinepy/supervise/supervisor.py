@@ -432,7 +432,7 @@ class Supervisor:
     # -- registration and network (host side, before "go") -------------------
 
     async def _setup_network(self, stack: contextlib.AsyncExitStack) -> None:
-        if not self.spec.netifs and not self.spec.addresses and not self.spec.routes:
+        if not self.spec.netlink:
             return
         from machinepy.integrate import network
 
